@@ -1,0 +1,143 @@
+"""Domain errors. Each knows its gRPC status; the API maps them in one place.
+
+Messages are written for an on-call engineer: say what was refused and what
+to do about it. Nothing above the edge catches a bare OSError: the edge
+translates it into one of these.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+
+class AgentdError(Exception):
+    """Base of every error the daemon reports to a client."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    # Short machine-readable reason, recorded in the audit log.
+    reason: ClassVar[str] = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+# ------------------------------------------------------------- bad requests
+class InvalidArgument(AgentdError):
+    """The request is malformed: size, structure, a field out of range."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "invalid_argument"
+
+
+class EnvelopeTooLarge(InvalidArgument):
+    reason = "envelope_too_large"
+
+
+class MalformedCommand(InvalidArgument):
+    reason = "malformed_command"
+
+
+# ----------------------------------------------------------- authentication
+class AuthError(AgentdError):
+    """The command is not an authentic, fresh command for this daemon.
+
+    The one error type verify() raises; subclasses say why.
+    """
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "unauthenticated"
+
+
+class Unsigned(AuthError):
+    reason = "unsigned"
+
+
+class BadSignature(AuthError):
+    reason = "bad_signature"
+
+
+class Expired(AuthError):
+    reason = "expired"
+
+
+class NotYetValid(AuthError):
+    reason = "not_yet_valid"
+
+
+class WrongAudience(AuthError):
+    reason = "wrong_audience"
+
+
+class Replayed(AuthError):
+    reason = "replayed"
+
+
+class PermissionDenied(AuthError):
+    """Authentic, but the signer's roles do not allow the action."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "permission_denied"
+
+
+# ------------------------------------------------------------ daemon state
+class FailedPrecondition(AgentdError):
+    """Valid command, but the daemon's state refuses it now."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "failed_precondition"
+
+
+class ReplayCacheDegraded(FailedPrecondition):
+    reason = "replay_cache_degraded"
+
+
+class ReplayCacheIOError(FailedPrecondition):
+    """The replay cache file cannot be read or written.
+
+    A run is refused until its entry is on disk: otherwise a restart would
+    forget it and the command could be replayed.
+    """
+
+    reason = "replay_cache_io"
+
+
+class TrustStoreError(FailedPrecondition):
+    """The trust store cannot be loaded; every signed command is refused."""
+
+    reason = "trust_store_invalid"
+
+
+class ControllerUnavailable(FailedPrecondition):
+    reason = "controller_unavailable"
+
+
+class LaunchFailed(FailedPrecondition):
+    reason = "launch_failed"
+
+
+class AgentNotFound(AgentdError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "agent_not_found"
+
+
+class AgentExists(AgentdError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "agent_exists"
+
+
+# ------------------------------------------------------------- the kernel
+class CgroupError(AgentdError):
+    """A cgroupfs read or write failed. Carries the path and what was written."""
+
+    reason = "cgroup_error"
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class ConfigError(Exception):
+    """The daemon's configuration is unusable. Raised at start-up only."""
