@@ -1,0 +1,77 @@
+"""Exec shim: join the agent's cgroups, drop to the agent's user, exec the agent.
+
+Run by the daemon as `python3 -I -S shim.py STATUS_FD SPEC_JSON`, never
+imported. It exists because preexec_fn is unsafe in the threaded daemon
+(subprocess docs; FIELD-NOTES), and because the agent's first process must be
+inside its cgroups before any agent code runs, so no fork can escape during
+start-up.
+
+Contract: on success the exec closes STATUS_FD (it is close-on-exec) and the
+daemon reads EOF; on failure the shim writes one line saying what failed to
+STATUS_FD and exits 127 — the runc "sync pipe" pattern. It imports only the
+standard library, and as little of it as it can: -S skips site, -I ignores
+PYTHON* variables and the user's site directory.
+"""
+
+import json
+import os
+import signal
+import sys
+
+
+def _fail(status_fd: int, what: str, err: BaseException) -> None:
+    msg = f"{what}: {err.strerror if isinstance(err, OSError) else err}"
+    try:
+        os.write(status_fd, msg.encode("utf-8", "replace")[:4000])
+    finally:
+        os._exit(127)
+
+
+def main() -> None:
+    status_fd = int(sys.argv[1])
+    spec = json.loads(sys.argv[2])
+    os.set_inheritable(status_fd, False)
+
+    step = "join cgroup"
+    try:
+        for procs in spec["cgroups"]:
+            step = f"join cgroup {procs}"
+            fd = os.open(procs, os.O_WRONLY)
+            try:
+                os.write(fd, str(os.getpid()).encode())
+            finally:
+                os.close(fd)
+
+        # Order matters: groups and gid while still root, uid last
+        # (setuid(2) drops the right to change the others).
+        step = "set supplementary groups"
+        os.setgroups(spec["groups"])
+        step = "set gid"
+        os.setresgid(spec["gid"], spec["gid"], spec["gid"])
+        step = "set uid"
+        os.setresuid(spec["uid"], spec["uid"], spec["uid"])
+        if spec["uid"] != 0 and (os.getuid() == 0 or os.geteuid() == 0):
+            raise OSError(1, "still root after setresuid")
+
+        step = f"chdir {spec['cwd']}"
+        os.chdir(spec["cwd"])
+
+        # The Python runtime ignores SIGPIPE and SIGXFSZ, and ignored
+        # dispositions survive execve(2): restore the defaults the agent
+        # would get from any other launcher. Unblock every signal too.
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+        # Defence in depth: nothing of the daemon's but 0-2 reaches the agent.
+        os.closerange(3, status_fd)
+        os.closerange(status_fd + 1, 65536)
+
+        step = f"exec {spec['argv'][0]}"
+        os.execvpe(spec["argv"][0], spec["argv"], spec["env"])  # noqa: S606 - no shell, by design
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        _fail(status_fd, step, err)
+
+
+if __name__ == "__main__":
+    main()
