@@ -1,0 +1,82 @@
+"""Supervisor records to protobuf messages. Facts come from the kernel at read time."""
+
+from __future__ import annotations
+
+from agentd.v1 import agentd_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from daemon.cgroups.tree import AgentCgroup
+from daemon.errors import CgroupError
+from daemon.supervisor.agent import Agent, State
+from daemon.supervisor.killer import KillOutcome
+
+_STATES = {
+    State.RUNNING: agentd_pb2.AGENT_STATE_RUNNING,
+    State.STOPPING: agentd_pb2.AGENT_STATE_STOPPING,
+    State.EXITED: agentd_pb2.AGENT_STATE_EXITED,
+    State.KILLED: agentd_pb2.AGENT_STATE_KILLED,
+}
+
+
+def _ts(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _live_facts(group: AgentCgroup) -> tuple[list[int], int]:
+    try:
+        return group.pids(), group.memory_bytes()
+    except CgroupError:
+        return [], 0
+
+
+def agent(a: Agent) -> agentd_pb2.Agent:
+    """The Agent message: pids and memory read from cgroupfs now."""
+    pids, memory = ([], 0) if a.is_ended else _live_facts(a.cgroup)
+    msg = agentd_pb2.Agent(
+        name=a.name,
+        id=a.id,
+        state=_STATES[a.state],
+        pids=pids,
+        memory_bytes=memory,
+        cgroup_paths=a.cgroup.paths(),
+        main_pid=a.main_pid,
+        started_at=_ts(a.started_at),
+        user=a.user.name,
+        uid=a.user.uid,
+        argv=a.argv,
+        resources=agentd_pb2.Resources(
+            memory_bytes=a.limits.memory_bytes,
+            pids_max=a.limits.pids_max,
+            cpu_millis=a.limits.cpu_millis,
+        ),
+        stdout_log=str(a.stdout_log),
+        stderr_log=str(a.stderr_log),
+        started_by=a.started_by,
+    )
+    if a.exit_code is not None:
+        msg.exit_code = a.exit_code
+    if a.exit_signal is not None:
+        msg.exit_signal = a.exit_signal
+    if a.ended_at is not None:
+        msg.ended_at.CopyFrom(_ts(a.ended_at))
+    return msg
+
+
+def kill_result(a: Agent, out: KillOutcome) -> agentd_pb2.KillResult:
+    return agentd_pb2.KillResult(
+        name=a.name,
+        id=a.id,
+        processes_killed=out.processes_killed,
+        duration_ms=out.duration_ms,
+        verified_empty=out.verified_empty,
+        stuck=[
+            agentd_pb2.StuckProcess(pid=s.pid, state=s.state, wchan=s.wchan, comm=s.comm)
+            for s in out.stuck
+        ],
+        method=out.method,
+        terminated_by_sigterm=out.terminated_by_sigterm,
+        state=_STATES[a.state],
+        already_ended=out.already_ended,
+    )

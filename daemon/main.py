@@ -1,0 +1,170 @@
+"""agentd: entry point. `agentd --config PATH` or `agentd --dev DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import FrameType
+
+from agentd.v1 import agentd_pb2
+from systemd.daemon import notify as sd_notify
+
+from daemon import __version__, config, hostid
+from daemon.api.server import serve, timestamp
+from daemon.audit import AuditLog
+from daemon.auth import Limits, ReplayCache, TrustStoreFile
+from daemon.cgroups.layout import discover
+from daemon.cgroups.tree import FALLBACK_METHOD, KILL_METHOD, AgentTree
+from daemon.errors import AgentdError, ConfigError
+from daemon.supervisor.core import Supervisor
+from daemon.supervisor.gate import CommandGate
+
+log = logging.getLogger("agentd")
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="agentd", description=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", type=Path, help="TOML configuration file")
+    src.add_argument("--dev", type=Path, metavar="DIR",
+                     help="zero-setup local daemon with everything under DIR")
+    p.add_argument("--user", help="(dev) user agents run as; default nobody")
+    p.add_argument("--cgroup-mode", choices=["auto", "v2", "hybrid"],
+                   help="override the detected cgroup layout")
+    p.add_argument("--cgroup-name", help="name of the daemon's cgroup subtree")
+    p.add_argument("--force-kill-fallback", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--kill-verify-timeout", type=float, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _load_config(a: argparse.Namespace) -> config.Config:
+    overrides: dict[str, object] = {}
+    if a.cgroup_mode:
+        overrides["cgroup_mode"] = a.cgroup_mode
+    if a.cgroup_name:
+        overrides["cgroup_name"] = a.cgroup_name
+    if a.force_kill_fallback:
+        overrides["force_kill_fallback"] = True
+    if a.kill_verify_timeout is not None:
+        overrides["kill_verify_timeout_s"] = a.kill_verify_timeout
+    if a.dev is not None:
+        if a.config is None and a.dev.exists() and not a.dev.is_dir():
+            raise ConfigError(f"{a.dev} exists and is not a directory")
+        return config.dev(a.dev, user=a.user, **overrides)
+    cfg = replace(config.load(a.config), **overrides)  # type: ignore[arg-type]
+    config.check(cfg, str(a.config))
+    return cfg
+
+
+def _prepare_dirs(cfg: config.Config) -> None:
+    if cfg.dev:
+        cfg.socket_path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        os.chmod(cfg.socket_path.parent, 0o750)  # noqa: S103 - the socket gate
+        if not cfg.trust_store.exists():
+            fd = os.open(cfg.trust_store, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, b"# PRINCIPAL ROLES ssh-ed25519 BASE64KEY [COMMENT]\n"
+                         b"# ROLES: comma-separated subset of admin,operator,oncall\n")
+            os.close(fd)
+    cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(cfg.state_dir, 0o700)
+
+
+def _notify(msg: str) -> None:
+    """sd_notify when run under systemd (NOTIFY_SOCKET set); a no-op elsewhere."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    sd_notify(msg)
+
+
+def run(cfg: config.Config) -> int:
+    if os.geteuid() != 0:
+        raise ConfigError("agentd must run as root: it owns cgroups and drops agents' privileges")
+    _prepare_dirs(cfg)
+    host_id, created = hostid.load_or_create(cfg.state_dir, cfg.host_id)
+    audit = AuditLog.open(cfg.audit_log)
+    limits = Limits(
+        max_envelope_bytes=cfg.max_envelope_bytes,
+        max_signatures=cfg.max_signatures,
+        max_lifetime_s=cfg.max_command_lifetime_s,
+        clock_skew_s=cfg.clock_skew_s,
+    )
+    replay = ReplayCache.open(
+        cfg.replay_path, now=time.time(),
+        window_s=cfg.max_command_lifetime_s + cfg.clock_skew_s, fresh=created,
+    )
+    trust = TrustStoreFile(cfg.trust_store)
+    layout = discover(cfg.cgroup_mode)
+    tree = AgentTree(layout, cfg.cgroup_name, force_fallback=cfg.force_kill_fallback)
+    gate = CommandGate(trust=trust, replay=replay, audit=audit, host_id=host_id, limits=limits)
+    sup = Supervisor(cfg, tree, gate, audit)
+    leftovers = sup.start()
+    kill_method = KILL_METHOD if tree.has_cgroup_kill else FALLBACK_METHOD
+
+    def info() -> agentd_pb2.InfoResponse:
+        _, head = audit.head
+        msg = agentd_pb2.InfoResponse(
+            host_id=host_id, version=__version__,
+            max_command_lifetime_s=int(cfg.max_command_lifetime_s),
+            clock_skew_s=int(cfg.clock_skew_s), cgroup_mode=layout.mode.value,
+            kill_method=kill_method, audit_head=head, audit_records=audit.records,
+            audit_log=str(cfg.audit_log),
+        )
+        if replay.degraded_until and replay.degraded_until > time.time():
+            msg.replay_degraded_until.CopyFrom(timestamp(replay.degraded_until))
+        return msg
+
+    audit.append(
+        "daemon_start", version=__version__, pid=os.getpid(), host_id=host_id,
+        cgroup_mode=layout.mode.value, kill_method=kill_method,
+        cgroup_base=str(tree.base_v2), leftover_agents_killed=leftovers,
+        replay_degraded_until=replay.degraded_until,
+    )
+    server = serve(sup, info, cfg.socket_path, cfg.socket_group)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("agentd %s ready: socket %s, host id %s, cgroups %s (%s), kill by %s",
+             __version__, cfg.socket_path, host_id, layout.mode.value, tree.base_v2, kill_method)
+    for controller in sup.unenforceable_defaults():
+        log.warning("default %s limit cannot be enforced: no cgroup hierarchy offers the %s "
+                    "controller to agentd", controller, controller)
+    if replay.degraded_until:
+        log.warning("replay cache lost or corrupt: only stop and kill are accepted for %.0f s",
+                    replay.degraded_until - time.time())
+    _notify(f"READY=1\nSTATUS=serving on {cfg.socket_path}")
+    while not stop.wait(timeout=1.0):
+        pass
+    _notify("STOPPING=1\nSTATUS=killing agents and shutting down")
+    server.stop(grace=1.0).wait(2.0)
+    killed = sup.shutdown()
+    audit.append("daemon_stop", pid=os.getpid(), agents_killed=killed)
+    log.info("agentd stopped; %d running agent(s) killed", killed)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="agentd: %(levelname)s %(message)s")
+    try:
+        a = _args(argv)
+        cfg = _load_config(a)
+        sys.exit(run(cfg))
+    except (ConfigError, AgentdError) as err:
+        print(f"agentd: error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The supervisor: launches agents, stops and kills them, keeps their records."""

@@ -1,0 +1,80 @@
+"""One agent's record: what the daemon launched and what the kernel says of it."""
+
+from __future__ import annotations
+
+import enum
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemon.cgroups.tree import AgentCgroup, Limits
+from daemon.users import AgentUser
+
+
+class State(enum.StrEnum):
+    RUNNING = "running"
+    STOPPING = "stopping"
+    EXITED = "exited"  # its main process ended by itself
+    KILLED = "killed"  # ended by a stop or a kill
+
+
+ENDED = frozenset({State.EXITED, State.KILLED})
+
+
+@dataclass(eq=False)
+class Agent:
+    """A launched agent. Fields after `proc` change over its life.
+
+    State changes go through `lock`, held for the assignment only: the kill
+    path never waits on it for anything slow.
+    """
+
+    name: str
+    id: str
+    argv: list[str]
+    user: AgentUser
+    limits: Limits
+    cgroup: AgentCgroup
+    started_by: str
+    stdout_log: Path
+    stderr_log: Path
+    proc: subprocess.Popen[bytes]
+    main_pid: int
+    started_at: float  # wall clock, from /proc/PID/stat
+    state: State = State.RUNNING
+    kill_requested: bool = False
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    ended_at: float | None = None
+    oom_kills: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    ended: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def is_ended(self) -> bool:
+        return self.state in ENDED
+
+    def set_state(self, new: State) -> None:
+        with self.lock:
+            # An ended agent stays ended; KILLED wins over EXITED only while
+            # a kill was requested before the end was recorded.
+            if self.state in ENDED:
+                return
+            self.state = new
+
+    def record_exit(self, returncode: int) -> None:
+        with self.lock:
+            if returncode < 0:
+                self.exit_signal = -returncode
+            else:
+                self.exit_code = returncode
+
+    def mark_ended(self) -> None:
+        with self.lock:
+            if self.state not in ENDED:
+                self.state = State.KILLED if self.kill_requested else State.EXITED
+            if self.ended_at is None:
+                self.ended_at = time.time()
+        self.ended.set()

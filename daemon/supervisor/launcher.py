@@ -1,0 +1,122 @@
+"""Start an agent's first process inside its cgroups, through the exec shim."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.cgroups.tree import AgentCgroup
+from daemon.errors import LaunchFailed
+from daemon.users import AgentUser
+
+SHIM = Path(__file__).resolve().parent.parent / "shim.py"
+_SHIM_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Spawned:
+    proc: subprocess.Popen[bytes]
+    stdout_fd: int  # read ends, for the reactor
+    stderr_fd: int
+
+
+def spawn(
+    *,
+    cgroup: AgentCgroup,
+    argv: list[str],
+    user: AgentUser,
+    env: dict[str, str],
+    cwd: str = "/",
+) -> Spawned:
+    """Spawn argv as user inside cgroup. Raises LaunchFailed with the shim's reason.
+
+    subprocess forks and execs in C with no Python code in the child
+    (no preexec_fn), so this is safe in the threaded daemon. The shim then
+    joins the cgroups, drops privileges and execs; it reports failure
+    through a close-on-exec pipe, so EOF with no message means the agent's
+    program is running.
+    """
+    spec = {
+        "cgroups": cgroup.procs_files(),
+        "uid": user.uid,
+        "gid": user.gid,
+        "groups": list(user.groups),
+        "argv": argv,
+        "env": env,
+        "cwd": cwd,
+    }
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(SHIM), str(status_w), json.dumps(spec)],
+            stdin=subprocess.DEVNULL,
+            stdout=out_w,
+            stderr=err_w,
+            close_fds=True,
+            pass_fds=(status_w,),
+            # Its own session: signals aimed at the daemon's terminal or
+            # process group never reach the agent by accident.
+            start_new_session=True,
+            env={},
+            cwd="/",
+        )
+    except OSError as err:
+        for fd in (status_r, status_w, out_r, out_w, err_r, err_w):
+            os.close(fd)
+        raise LaunchFailed(f"cannot start the launch shim: {err.strerror}") from err
+    for fd in (status_w, out_w, err_w):
+        os.close(fd)
+    try:
+        message = _read_status(status_r)
+    finally:
+        os.close(status_r)
+    if message is not None:
+        proc.wait()
+        os.close(out_r)
+        os.close(err_r)
+        raise LaunchFailed(f"agent did not start: {message}")
+    return Spawned(proc=proc, stdout_fd=out_r, stderr_fd=err_r)
+
+
+def _read_status(fd: int) -> str | None:
+    """None on EOF with no data (exec succeeded), else the shim's message."""
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + _SHIM_TIMEOUT_S
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return "the launch shim did not exec within 10 s"
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            continue
+        data = os.read(fd, 4096)
+        if not data:
+            break
+        chunks.append(data)
+    if not chunks:
+        return None
+    return b"".join(chunks).decode("utf-8", "replace").strip()
+
+
+def proc_start_time(pid: int) -> float:
+    """Wall-clock start time of pid, from /proc/PID/stat and /proc/stat btime.
+
+    Falls back to now if the process is already gone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            stat = f.read()
+        ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+        with open("/proc/stat", encoding="ascii") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration):
+        return time.time()

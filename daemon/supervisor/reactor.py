@@ -1,0 +1,161 @@
+"""One epoll thread for every agent's output pipes and exit notifications.
+
+A thread per agent would cost 1000 threads for 1000 agents; one selector
+serves them all. Work that may wait (finalising an exited agent) is handed to
+a small pool so the loop never blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import selectors
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_READ_CHUNK = 65536
+
+
+class LogSink:
+    """Appends an agent's output to a file, rotating once to FILE.1 at the cap.
+
+    The agent writes to a pipe, never to the file: it cannot seek, truncate
+    or grow the file past the cap, and the disk holds at most twice the cap.
+    """
+
+    def __init__(self, path: Path, cap: int) -> None:
+        self.path = path
+        self.cap = cap
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        self._size = os.fstat(self._fd).st_size
+
+    def write(self, data: bytes) -> None:
+        if self._size + len(data) > self.cap:
+            self._rotate()
+        os.write(self._fd, data)
+        self._size += len(data)
+
+    def _rotate(self) -> None:
+        os.close(self._fd)
+        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        self._fd = os.open(
+            self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
+        )
+        self._size = 0
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+Callback = Callable[[], None]
+
+
+class Reactor:
+    """The loop. Thread-safe registration through a queue and a wake-up pipe."""
+
+    def __init__(self, workers: int = 8) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._todo: queue.SimpleQueue[Callback] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="agentd-reactor", daemon=True)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agentd-final")
+        self.last_tick = time.monotonic()
+        self._tickers: list[Callback] = []
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout=5)
+        self.pool.shutdown(wait=True)
+
+    def add_ticker(self, fn: Callback) -> None:
+        """Run fn on every loop pass (at least once a second)."""
+        self._tickers.append(fn)
+
+    def _call_soon(self, fn: Callback) -> None:
+        self._todo.put(fn)
+        # A full pipe means a wake-up is already pending.
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    def watch_output(self, fd: int, sink: LogSink) -> None:
+        """Drain fd into sink until EOF, then close both."""
+        os.set_blocking(fd, False)
+        self._call_soon(lambda: self._register(fd, ("out", sink)))
+
+    def watch_exit(self, pidfd: int, on_exit: Callback) -> None:
+        """Call on_exit (in the pool) once the process behind pidfd has exited.
+
+        A pidfd becomes readable when its process exits (pidfd_open(2)).
+        """
+        self._call_soon(lambda: self._register(pidfd, ("exit", on_exit)))
+
+    def _register(self, fd: int, data: tuple[str, object]) -> None:
+        self._sel.register(fd, selectors.EVENT_READ, data)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                events = self._sel.select(timeout=0.5)
+            except InterruptedError:
+                continue
+            for key, _ in events:
+                self._dispatch(key)
+            while True:
+                try:
+                    fn = self._todo.get_nowait()
+                except queue.Empty:
+                    break
+                fn()
+            self.last_tick = time.monotonic()
+            for tick in self._tickers:
+                try:
+                    tick()
+                except Exception:
+                    log.exception("reactor ticker failed")
+
+    def _dispatch(self, key: selectors.SelectorKey) -> None:
+        fd = int(key.fd)
+        if key.data is None:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+            return
+        kind, target = key.data
+        if kind == "out":
+            self._drain(fd, target)
+        else:
+            self._sel.unregister(fd)
+            os.close(fd)
+            self.pool.submit(target)
+
+    def _drain(self, fd: int, sink: LogSink) -> None:
+        try:
+            data = os.read(fd, _READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            try:
+                sink.write(data)
+            except OSError:
+                log.exception("cannot write agent log %s", sink.path)
+            return
+        self._sel.unregister(fd)
+        os.close(fd)
+        sink.close()
