@@ -1,0 +1,102 @@
+"""Fixtures shared by the whole suite, and the session-wide leak check."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import (
+    Daemon,
+    Keys,
+    hostile_dir,
+    leaked_cgroups,
+    leaked_processes,
+)
+
+ROOT_REASON = ""
+if os.geteuid() != 0:
+    ROOT_REASON = "needs root (agentd owns cgroups and drops agents' privileges)"
+elif not os.path.exists("/usr/bin/python3"):
+    ROOT_REASON = "needs /usr/bin/python3 for the hostile agent programs"
+else:
+    try:
+        from daemon.cgroups.layout import discover
+
+        discover()
+    except Exception as err:
+        ROOT_REASON = f"no usable cgroup v2 hierarchy: {err}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not ROOT_REASON:
+        return
+    skip = pytest.mark.skip(reason=ROOT_REASON)
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftovers() -> Iterator[None]:
+    """Fail the run if any agent process or test cgroup outlives the suite."""
+    before_procs = set(leaked_processes())
+    before_cgroups = set(leaked_cgroups())
+    yield
+    procs = [p for p in leaked_processes() if p not in before_procs]
+    cgroups = [c for c in leaked_cgroups() if c not in before_cgroups]
+    if procs or cgroups:
+        pytest.fail(
+            "the suite left agents behind:\n" + "\n".join(procs + cgroups), pytrace=False
+        )
+
+
+@pytest.fixture(scope="session")
+def hostile() -> Iterator[Path]:
+    d = hostile_dir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def tmp_root() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="agentd-t-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def start_daemon(root: Path, mode: str, extra: list[str] | None = None,
+                 keys: Keys | None = None) -> Daemon:
+    return Daemon(root / "dev", mode=mode, extra=extra, keys=keys).start()
+
+
+@pytest.fixture(scope="module", params=["hybrid", "v2"])
+def daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
+    """A daemon per cgroup mode: both code paths run the same tests."""
+    if ROOT_REASON:
+        pytest.skip(ROOT_REASON)
+    mode = str(request.param)
+    if mode == "hybrid":
+        from daemon.cgroups.layout import discover
+
+        if not discover().v1:
+            pytest.skip("this host has no v1 controllers: the hybrid path cannot run here")
+    root = Path(tempfile.mkdtemp(prefix="agentd-t-"))
+    d = start_daemon(root, mode)
+    yield d
+    d.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def fresh_daemon(tmp_root: Path) -> Iterator[Daemon]:
+    """A daemon of its own for tests that restart or break it."""
+    if ROOT_REASON:
+        pytest.skip(ROOT_REASON)
+    d = start_daemon(tmp_root, "auto")
+    yield d
+    d.stop()

@@ -1,0 +1,273 @@
+"""A real agentd, started as a subprocess, and a signed client for it.
+
+Tests drive the daemon exactly as operators do: over its Unix socket, with
+commands signed by keys in its trust store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from agentd import signing
+from agentd.v1 import agentd_pb2, agentd_pb2_grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+REPO = Path(__file__).resolve().parent.parent
+# Agents run as an unprivileged user, who cannot read a Python under /root
+# (pyenv) or a checkout there: hostile programs use Debian's interpreter and
+# are copied to a world-readable directory.
+AGENT_PYTHON = "/usr/bin/python3"
+CGROUP_PREFIX = "agentd-test-"
+HOSTILE_MARK = "agentd-hostile-"
+
+
+def hostile_dir() -> Path:
+    """Copy tests/hostile/*.py to a fresh world-readable directory."""
+    d = Path(tempfile.mkdtemp(prefix=HOSTILE_MARK))
+    os.chmod(d, 0o755)
+    for src in (REPO / "tests" / "hostile").glob("*.py"):
+        shutil.copy(src, d / src.name)
+        os.chmod(d / src.name, 0o644)
+    return d
+
+
+@dataclass
+class Keys:
+    admin: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+    operator: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+    oncall: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+    stranger: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+
+    def trust_store(self) -> str:
+        return "".join(
+            f"{name} {name} {signing.public_key_line(getattr(self, name), name + '@test')}\n"
+            for name in ("admin", "operator", "oncall")
+        )
+
+
+class Daemon:
+    """One agentd --dev process with its own directory and cgroup subtree."""
+
+    def __init__(self, root: Path, *, mode: str = "auto", extra: list[str] | None = None,
+                 keys: Keys | None = None) -> None:
+        self.dir = root
+        self.mode = mode
+        self.extra = extra or []
+        self.keys = keys or Keys()
+        self.cgroup_name = CGROUP_PREFIX + uuid.uuid4().hex[:10]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.channel: grpc.Channel | None = None
+        self.stub: agentd_pb2_grpc.AgentdStub
+        self.host_id = ""
+        self.stderr_path = root.parent / (root.name + ".stderr")
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / "agentd.sock"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.dir / "audit.log"
+
+    def start(self, timeout: float = 20.0) -> Daemon:
+        self.dir.mkdir(mode=0o750, exist_ok=True)
+        ts = self.dir / "trusted_keys"
+        if not ts.exists():
+            ts.write_text(self.keys.trust_store())
+            os.chmod(ts, 0o600)
+        cmd = [sys.executable, "-m", "daemon.main", "--dev", str(self.dir),
+               "--cgroup-name", self.cgroup_name, "--cgroup-mode", self.mode, *self.extra]
+        err = open(self.stderr_path, "ab")  # noqa: SIM115 - kept for the process's life
+        self.proc = subprocess.Popen(cmd, stdout=err, stderr=err, cwd=REPO)
+        err.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agentd exited {self.proc.returncode}:\n{self.stderr()}")
+            if self.socket.is_socket():
+                try:
+                    self.connect()
+                    self.host_id = self.stub.Info(agentd_pb2.InfoRequest(), timeout=2).host_id
+                    return self
+                except grpc.RpcError:
+                    pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"agentd did not come up:\n{self.stderr()}")
+            time.sleep(0.05)
+
+    def connect(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = grpc.insecure_channel(f"unix:{self.socket}")
+        self.stub = agentd_pb2_grpc.AgentdStub(self.channel)
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Stop the daemon (it kills its agents on SIGTERM). Returns its exit code."""
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.proc = None
+        return rc
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    # ------------------------------------------------------------ commands
+    def command(self, *, reason: str = "test", lifetime: float = 300.0,
+                now: float | None = None, audience: str | None = None) -> agentd_pb2.Command:
+        return signing.new_command(audience=self.host_id if audience is None else audience,
+                                   reason=reason, now=time.time() if now is None else now,
+                                   lifetime_s=lifetime)
+
+    def sign(self, cmd: agentd_pb2.Command,
+             key: Ed25519PrivateKey | None = None) -> agentd_pb2.Envelope:
+        return signing.sign_command(cmd, key or self.keys.admin)
+
+    def run(self, name: str, argv: list[str], *, pids: int = 0, memory: int = 0,
+            cpu_millis: int = 0, user: str = "", key: Ed25519PrivateKey | None = None
+            ) -> agentd_pb2.Agent:
+        cmd = self.command()
+        cmd.run.name = name
+        cmd.run.argv.extend(argv)
+        cmd.run.user = user
+        cmd.run.resources.pids_max = pids
+        cmd.run.resources.memory_bytes = memory
+        cmd.run.resources.cpu_millis = cpu_millis
+        result: agentd_pb2.Agent = self.stub.Run(self.sign(cmd, key or self.keys.operator),
+                                                 timeout=30)
+        return result
+
+    def kill(self, name: str, key: Ed25519PrivateKey | None = None) -> agentd_pb2.KillResult:
+        cmd = self.command()
+        cmd.kill.name = name
+        result: agentd_pb2.KillResult = self.stub.Kill(self.sign(cmd, key or self.keys.oncall),
+                                                       timeout=60)
+        return result
+
+    def stop_agent(self, name: str, grace_ms: int | None = None,
+                   key: Ed25519PrivateKey | None = None) -> agentd_pb2.KillResult:
+        cmd = self.command()
+        cmd.stop.name = name
+        if grace_ms is not None:
+            cmd.stop.grace_ms = grace_ms
+        result: agentd_pb2.KillResult = self.stub.Stop(self.sign(cmd, key or self.keys.oncall),
+                                                       timeout=60)
+        return result
+
+    def get(self, name: str) -> agentd_pb2.Agent:
+        result: agentd_pb2.Agent = self.stub.GetAgent(agentd_pb2.GetAgentRequest(name=name),
+                                                      timeout=10)
+        return result
+
+    def audit_records(self) -> list[dict[str, object]]:
+        import json
+
+        return [json.loads(line) for line in self.audit_log.read_text().splitlines()]
+
+
+# ------------------------------------------------------------------ kernel facts
+def cgroup_v2_root() -> Path:
+    from daemon.cgroups.layout import discover
+
+    return discover().unified
+
+
+def v2_cgroup_of(pid: int) -> str | None:
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
+
+
+def pids_in(path: str | Path) -> list[int]:
+    try:
+        return [int(x) for x in (Path(path) / "cgroup.procs").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    """True if pid exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def wait_for(cond: object, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return True
+        time.sleep(interval)
+    return bool(cond())  # type: ignore[operator]
+
+
+def leaked_processes() -> list[str]:
+    """Processes in a test cgroup subtree or running a hostile program."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        cg = v2_cgroup_of(pid) or ""
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if not alive(pid):
+            continue
+        if (f"/{CGROUP_PREFIX}" in cg and not cg.endswith("/supervisor")) or (
+            HOSTILE_MARK in cmdline and "pytest" not in cmdline
+        ):
+            out.append(f"pid {pid} cgroup {cg} cmd {cmdline[:120]}")
+    return out
+
+
+def leaked_cgroups() -> list[str]:
+    """Test cgroup directories left in any hierarchy."""
+    out = []
+    for mount in Path("/sys/fs/cgroup").iterdir():
+        if not mount.is_dir():
+            continue
+        try:
+            found = subprocess.run(
+                ["find", str(mount), "-maxdepth", "6", "-type", "d", "-name", CGROUP_PREFIX + "*"],
+                capture_output=True, text=True, timeout=30,
+            ).stdout.split()
+        except subprocess.TimeoutExpired:
+            continue
+        out.extend(found)
+    return out

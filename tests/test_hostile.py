@@ -1,0 +1,152 @@
+"""Hostile agents: each does its worst; after kill and after stop, nothing of it survives.
+
+Runs against a real daemon on the real kernel, once per cgroup code path
+(hybrid and pure v2), through the `daemon` fixture.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from agentd.v1 import agentd_pb2
+
+from tests.harness import AGENT_PYTHON, Daemon, alive, pids_in, wait_for
+
+pytestmark = pytest.mark.root
+_names = itertools.count()
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}-{next(_names)}"
+
+
+def _launch(daemon: Daemon, hostile: Path, program: str, *args: str, pids: int = 0,
+            min_procs: int = 1) -> tuple[agentd_pb2.Agent, list[int]]:
+    """Run a hostile program and wait until it says ready and has min_procs processes."""
+    agent = daemon.run(_name(program.removesuffix(".py").replace("_", "-")),
+                       [AGENT_PYTHON, str(hostile / program), *args], pids=pids)
+    cg = agent.cgroup_paths[0]
+    assert wait_for(lambda: "ready" in Path(agent.stdout_log).read_text(), 15), (
+        f"{program} never became ready: {Path(agent.stderr_log).read_text()[-500:]}")
+    assert wait_for(lambda: len(pids_in(cg)) >= min_procs, 15), (
+        f"{program} has {len(pids_in(cg))} processes, expected {min_procs}")
+    return agent, pids_in(cg)
+
+
+def _end(daemon: Daemon, name: str, action: str) -> agentd_pb2.KillResult:
+    if action == "kill":
+        return daemon.kill(name)
+    return daemon.stop_agent(name, grace_ms=300)
+
+
+def _assert_gone(daemon: Daemon, agent: agentd_pb2.Agent, members: list[int],
+                 result: agentd_pb2.KillResult) -> None:
+    assert result.verified_empty, f"stuck: {result.stuck}"
+    for path in agent.cgroup_paths:
+        assert pids_in(path) == [], f"{path} still has processes"
+    survivors = [p for p in members if alive(p)]
+    assert survivors == [], f"survivors: {survivors}"
+    assert daemon.get(agent.name).state == agentd_pb2.AGENT_STATE_KILLED
+
+
+def _pids_limit_or_skip(daemon: Daemon) -> None:
+    from daemon.cgroups.layout import discover
+
+    layout = discover(daemon.mode)
+    if layout.holder("pids") is None:
+        pytest.skip(f"no pids controller reaches the {daemon.mode} hierarchy on this host; "
+                    "a fork bomb without a pids limit would take the machine down")
+
+
+ACTIONS = ["kill", "stop"]
+
+
+@pytest.mark.parametrize("action", ACTIONS)
+def test_ignores_sigterm(daemon: Daemon, hostile: Path, action: str) -> None:
+    agent, members = _launch(daemon, hostile, "ignore_term.py")
+    result = _end(daemon, agent.name, action)
+    _assert_gone(daemon, agent, members, result)
+    assert result.processes_killed == 1
+    if action == "stop":
+        # It ignored SIGTERM, so the grace period ran out and cgroup.kill did the work.
+        assert result.terminated_by_sigterm == 0
+        assert result.method in ("cgroup.kill", "freeze-and-kill")
+
+
+@pytest.mark.parametrize("action", ACTIONS)
+def test_double_fork_setsid_daemoniser(daemon: Daemon, hostile: Path, action: str) -> None:
+    agent, members = _launch(daemon, hostile, "daemonize.py", min_procs=2)
+    escaped = int(Path(agent.stdout_log).read_text().split("escaped ")[1].split()[0])
+    assert escaped in members, "the escaped daemon is still in the agent's cgroup"
+    result = _end(daemon, agent.name, action)
+    _assert_gone(daemon, agent, members, result)
+    assert not alive(escaped)
+    assert result.processes_killed == 2
+
+
+@pytest.mark.parametrize("action", ACTIONS)
+def test_fork_bomb_bounded_by_pids_limit(daemon: Daemon, hostile: Path, action: str) -> None:
+    _pids_limit_or_skip(daemon)
+    agent, members = _launch(daemon, hostile, "fork_bomb.py", pids=64, min_procs=60)
+    assert len(members) <= 64, "the pids limit did not hold"
+    result = _end(daemon, agent.name, action)
+    _assert_gone(daemon, agent, members, result)
+    assert result.processes_killed >= 60
+
+
+@pytest.mark.parametrize("action", ACTIONS)
+def test_forks_while_the_kill_is_in_flight(daemon: Daemon, hostile: Path, action: str) -> None:
+    agent, members = _launch(daemon, hostile, "fork_storm.py", pids=256 if daemon.mode ==
+                             "hybrid" else 0, min_procs=2)
+    result = _end(daemon, agent.name, action)
+    _assert_gone(daemon, agent, members, result)
+
+
+@pytest.mark.parametrize("action", ACTIONS)
+def test_child_changes_process_group_and_session(daemon: Daemon, hostile: Path,
+                                                  action: str) -> None:
+    agent, members = _launch(daemon, hostile, "new_session.py", min_procs=3)
+    sessions = {Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[3]
+                for p in members}
+    assert len(sessions) >= 2, "the hostile program did not change session"
+    result = _end(daemon, agent.name, action)
+    _assert_gone(daemon, agent, members, result)
+    assert result.processes_killed == 3
+
+
+def test_main_exits_leaving_an_escaped_daemon(daemon: Daemon, hostile: Path) -> None:
+    """The main process exits after daemonising: the daemon kills what it left behind."""
+    agent, _ = _launch(daemon, hostile, "daemonize.py", "exit", min_procs=0)
+    escaped = int(Path(agent.stdout_log).read_text().split("escaped ")[1].split()[0])
+    assert wait_for(lambda: daemon.get(agent.name).state == agentd_pb2.AGENT_STATE_EXITED, 10)
+    assert wait_for(lambda: not alive(escaped), 5), "escaped grandchild outlived its agent"
+    status = daemon.get(agent.name)
+    assert status.exit_code == 0
+    assert pids_in(agent.cgroup_paths[0]) == []
+    ended = [r for r in daemon.audit_records()
+             if r["event"] == "agent_ended" and r.get("agent_id") == agent.id]
+    assert ended and ended[0]["leftover_processes_killed"] == 1
+
+
+def test_unprivileged_agent_cannot_escape_or_reach_the_daemon(daemon: Daemon,
+                                                             hostile: Path) -> None:
+    from tests.harness import cgroup_v2_root
+
+    agent, members = _launch(
+        daemon, hostile, "escape_attempts.py", str(daemon.pid), str(daemon.socket),
+        str(cgroup_v2_root()))
+    out = Path(agent.stdout_log).read_text()
+    lines = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+    for attempt in ("move-to-root-cgroup", "move-to-parent-cgroup", "create-sub-cgroup",
+                    "signal-daemon-kill", "signal-daemon-stop", "connect-control-socket",
+                    "read-audit-log", "read-trust-store"):
+        assert lines.get(attempt, "").startswith("BLOCKED"), f"{attempt}: {lines.get(attempt)}"
+    own = "/" + str(Path(agent.cgroup_paths[0]).relative_to(cgroup_v2_root()))
+    assert lines["cgroup-after"].strip() == own
+    assert alive(daemon.pid)
+    info = daemon.stub.Info(agentd_pb2.InfoRequest(), timeout=5)
+    assert info.host_id == daemon.host_id
+    result = daemon.kill(agent.name)
+    _assert_gone(daemon, agent, members, result)
