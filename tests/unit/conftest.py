@@ -1,0 +1,128 @@
+"""Fixtures for the auth-layer unit tests: real keys, real files, no mocks."""
+
+from __future__ import annotations
+
+import base64
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from agentd.signing import new_command, public_key_line, sign_command
+from agentd.v1 import agentd_pb2
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from daemon.auth import Limits, TrustStore
+
+HOST = "host-a"
+NOW = 1_750_000_000.0
+
+
+@dataclass(frozen=True)
+class Signer:
+    principal: str
+    roles: str
+    key: Ed25519PrivateKey
+
+    def line(self) -> str:
+        return (
+            f"{self.principal} {self.roles} {public_key_line(self.key, self.principal + '@test')}"
+        )
+
+
+@pytest.fixture
+def alice() -> Signer:
+    return Signer("alice", "admin", Ed25519PrivateKey.generate())
+
+
+@pytest.fixture
+def bob() -> Signer:
+    return Signer("bob", "operator", Ed25519PrivateKey.generate())
+
+
+@pytest.fixture
+def carol() -> Signer:
+    return Signer("carol", "oncall", Ed25519PrivateKey.generate())
+
+
+@pytest.fixture
+def store(alice: Signer, bob: Signer, carol: Signer) -> TrustStore:
+    text = "\n".join(s.line() for s in (alice, bob, carol)) + "\n"
+    return TrustStore.parse(text, "/etc/agentd/trusted_keys")
+
+
+@pytest.fixture
+def limits() -> Limits:
+    return Limits()
+
+
+def ssh_line_for_raw(raw: bytes) -> str:
+    """`ssh-ed25519 BASE64` for any 32 bytes, even a point pyca would never emit."""
+    blob = struct.pack(">I", 11) + b"ssh-ed25519" + struct.pack(">I", len(raw)) + raw
+    return "ssh-ed25519 " + base64.b64encode(blob).decode()
+
+
+@pytest.fixture
+def raw_key_line() -> Callable[[bytes], str]:
+    return ssh_line_for_raw
+
+
+CommandFactory = Callable[..., agentd_pb2.Command]
+
+
+@pytest.fixture
+def command() -> CommandFactory:
+    """Build a command for HOST at NOW with the given action."""
+
+    def make(
+        action: str = "kill",
+        *,
+        audience: str = HOST,
+        now: float = NOW,
+        lifetime_s: float = 300.0,
+    ) -> agentd_pb2.Command:
+        cmd = new_command(audience=audience, reason="test", now=now, lifetime_s=lifetime_s)
+        if action == "run":
+            cmd.run.name = "agent-1"
+            cmd.run.argv.extend(["sleep", "60"])
+        elif action == "stop":
+            cmd.stop.name = "agent-1"
+        elif action == "kill":
+            cmd.kill.name = "agent-1"
+        return cmd
+
+    return make
+
+
+@pytest.fixture
+def signed(command: CommandFactory) -> Callable[..., agentd_pb2.Envelope]:
+    """sign_command(command(action, ...), signer.key)."""
+
+    def make(signer: Signer, action: str = "kill", **kw: float | str) -> agentd_pb2.Envelope:
+        return sign_command(command(action, **kw), signer.key)
+
+    return make
+
+
+@pytest.fixture
+def write_file(tmp_path: Path) -> Callable[..., Path]:
+    def write(text: str, name: str = "trusted_keys", mode: int = 0o600) -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        path.chmod(mode)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def now() -> float:
+    """The fixed 'current time' every command in these tests is built around."""
+    return NOW
+
+
+@pytest.fixture
+def host() -> str:
+    """The host id of the daemon under test."""
+    return HOST
