@@ -180,7 +180,14 @@ class AgentCgroup:
         if self.tree.has_cgroup_kill:
             fs.write(self.v2 / "cgroup.kill", "1")
             return KILL_METHOD
-        self._fallback_kill()
+        try:
+            self._fallback_kill()
+        except CgroupError:
+            # The loop outlived the cgroup: once the last member died, the
+            # daemon's reaper removed it. rmdir(2) of a cgroup succeeds only
+            # when it is empty, so a vanished cgroup is a finished kill.
+            if fs.exists(self.v2):
+                raise
         return FALLBACK_METHOD
 
     def _fallback_kill(self, max_passes: int = 1000) -> None:
