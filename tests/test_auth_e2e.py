@@ -1,0 +1,210 @@
+"""Every bad command is refused with a precise status, touches no agent, and is audited."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agentd import signing
+from agentd.v1 import agentd_pb2
+from tests.harness import AGENT_PYTHON, Daemon, alive, pids_in, wait_for
+
+pytestmark = pytest.mark.root
+_n = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def victim_daemon(daemon: Daemon, hostile: Path) -> tuple[Daemon, agentd_pb2.Agent]:
+    """One long-lived agent that every refused command aims at."""
+    name = f"victim-{next(_n)}"
+    agent = daemon.run(name, [AGENT_PYTHON, str(hostile / "ignore_term.py")])
+    assert wait_for(lambda: "ready" in Path(agent.stdout_log).read_text(), 15)
+    return daemon, agent
+
+
+def _kill_cmd(d: Daemon, name: str, **kw: object) -> agentd_pb2.Command:
+    cmd = d.command(**kw)  # type: ignore[arg-type]
+    cmd.kill.name = name
+    return cmd
+
+
+def _signed(d: Daemon, cmd: agentd_pb2.Command, key: object = None) -> agentd_pb2.Envelope:
+    return signing.sign_command(cmd, key or d.keys.oncall)  # type: ignore[arg-type]
+
+
+def _flip_payload_byte(env: agentd_pb2.Envelope) -> agentd_pb2.Envelope:
+    payload = bytearray(env.payload)
+    payload[-1] ^= 0x01
+    env.payload = bytes(payload)
+    return env
+
+
+def _unsigned(env: agentd_pb2.Envelope) -> agentd_pb2.Envelope:
+    del env.signatures[:]
+    return env
+
+
+def _bad_sig(env: agentd_pb2.Envelope) -> agentd_pb2.Envelope:
+    sig = bytearray(env.signatures[0].sig)
+    sig[5] ^= 0xFF
+    env.signatures[0].sig = bytes(sig)
+    return env
+
+
+def _oversized(env: agentd_pb2.Envelope) -> agentd_pb2.Envelope:
+    env.payload = env.payload + b"\0" * 70000
+    return env
+
+
+Case = Callable[[Daemon, str], agentd_pb2.Envelope]
+
+CASES: dict[str, tuple[Case, grpc.StatusCode, str]] = {
+    "unsigned": (lambda d, n: _unsigned(_signed(d, _kill_cmd(d, n))),
+                 grpc.StatusCode.UNAUTHENTICATED, "not signed"),
+    "bad-signature": (lambda d, n: _bad_sig(_signed(d, _kill_cmd(d, n))),
+                      grpc.StatusCode.UNAUTHENTICATED, "no signature verifies"),
+    "unknown-key": (lambda d, n: _signed(d, _kill_cmd(d, n), d.keys.stranger),
+                    grpc.StatusCode.UNAUTHENTICATED, "trust store"),
+    "expired": (lambda d, n: _signed(d, _kill_cmd(d, n, now=time.time() - 3600)),
+                grpc.StatusCode.UNAUTHENTICATED, "expired"),
+    "future-dated": (lambda d, n: _signed(d, _kill_cmd(d, n, now=time.time() + 3600)),
+                     grpc.StatusCode.UNAUTHENTICATED, "clock"),
+    "wrong-audience": (lambda d, n: _signed(d, _kill_cmd(d, n, audience="some-other-host")),
+                       grpc.StatusCode.UNAUTHENTICATED, "some-other-host"),
+    "payload-byte-changed": (lambda d, n: _flip_payload_byte(_signed(d, _kill_cmd(d, n))),
+                             grpc.StatusCode.UNAUTHENTICATED, "no signature verifies"),
+    "oversized": (lambda d, n: _oversized(_signed(d, _kill_cmd(d, n))),
+                  grpc.StatusCode.INVALID_ARGUMENT, "65536"),
+    "too-long-lifetime": (lambda d, n: _signed(d, _kill_cmd(d, n, lifetime=3600)),
+                          grpc.StatusCode.INVALID_ARGUMENT, "lifetime"),
+}
+
+
+def _rejected_records(d: Daemon) -> list[dict[str, object]]:
+    return [r for r in d.audit_records()
+            if r["event"] == "command" and r["decision"] == "rejected"]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_refused_kill_touches_nothing(victim_daemon: tuple[Daemon, agentd_pb2.Agent],
+                                      case: str) -> None:
+    d, agent = victim_daemon
+    make, code, words = CASES[case]
+    before = pids_in(agent.cgroup_paths[0])
+    audited = len(_rejected_records(d))
+    env = make(d, agent.name)
+    with pytest.raises(grpc.RpcError) as exc:
+        d.stub.Kill(env, timeout=10)
+    assert exc.value.code() == code, exc.value.details()
+    assert words.lower() in (exc.value.details() or "").lower(), exc.value.details()
+    # Untouched: the same processes, alive, still running.
+    assert pids_in(agent.cgroup_paths[0]) == before
+    assert all(alive(p) for p in before)
+    assert d.get(agent.name).state == agentd_pb2.AGENT_STATE_RUNNING
+    records = _rejected_records(d)
+    assert len(records) == audited + 1
+    assert records[-1]["error_code"] == code.name
+    assert records[-1]["payload_sha256"]
+
+
+def test_role_not_allowed(victim_daemon: tuple[Daemon, agentd_pb2.Agent],
+                          hostile: Path) -> None:
+    """oncall may stop and kill but not run."""
+    d, _ = victim_daemon
+    cmd = d.command()
+    cmd.run.name = f"not-allowed-{next(_n)}"
+    cmd.run.argv.extend([AGENT_PYTHON, str(hostile / "ignore_term.py")])
+    with pytest.raises(grpc.RpcError) as exc:
+        d.stub.Run(signing.sign_command(cmd, d.keys.oncall), timeout=10)
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "oncall" in (exc.value.details() or "")
+    assert all(a.name != cmd.run.name for a in d.stub.ListAgents(
+        agentd_pb2.ListAgentsRequest(), timeout=5).agents)
+    assert _rejected_records(d)[-1]["error_code"] == "PERMISSION_DENIED"
+
+
+def test_command_sent_to_the_wrong_rpc(victim_daemon: tuple[Daemon, agentd_pb2.Agent]) -> None:
+    d, agent = victim_daemon
+    env = _signed(d, _kill_cmd(d, agent.name))
+    with pytest.raises(grpc.RpcError) as exc:
+        d.stub.Stop(env, timeout=10)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert d.get(agent.name).state == agentd_pb2.AGENT_STATE_RUNNING
+
+
+def test_replayed_command_is_refused(victim_daemon: tuple[Daemon, agentd_pb2.Agent],
+                                     hostile: Path) -> None:
+    d, _ = victim_daemon
+    name = f"replay-{next(_n)}"
+    cmd = d.command()
+    cmd.run.name = name
+    cmd.run.argv.extend([AGENT_PYTHON, str(hostile / "ignore_term.py")])
+    env = signing.sign_command(cmd, d.keys.operator)
+    d.stub.Run(env, timeout=30)
+    d.kill(name)
+    with pytest.raises(grpc.RpcError) as exc:
+        d.stub.Run(env, timeout=10)
+    assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "already" in (exc.value.details() or "")
+    assert d.get(name).state == agentd_pb2.AGENT_STATE_KILLED
+
+
+def test_replay_refused_after_restart(fresh_daemon: Daemon, hostile: Path) -> None:
+    d = fresh_daemon
+    agent = d.run("survivor", [AGENT_PYTHON, str(hostile / "ignore_term.py")])
+    kill_env = _signed(d, _kill_cmd(d, "survivor"))
+    d.stub.Kill(kill_env, timeout=30)
+    assert pids_in(agent.cgroup_paths[0]) == []
+    d.stop()
+    d.start()
+    # Same name again; the old kill must not be replayable against it.
+    again = d.run("survivor", [AGENT_PYTHON, str(hostile / "ignore_term.py")])
+    assert wait_for(lambda: "ready" in Path(again.stdout_log).read_text(), 15)
+    with pytest.raises(grpc.RpcError) as exc:
+        d.stub.Kill(kill_env, timeout=10)
+    assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert d.get("survivor").state == agentd_pb2.AGENT_STATE_RUNNING
+    d.kill("survivor")
+
+
+def test_lost_replay_cache_refuses_run_but_not_kill(fresh_daemon: Daemon, hostile: Path) -> None:
+    d = fresh_daemon
+    agent = d.run("before-loss", [AGENT_PYTHON, str(hostile / "ignore_term.py")])
+    assert wait_for(lambda: "ready" in Path(agent.stdout_log).read_text(), 15)
+    d.stop()  # kills the agent; start it again after the restart
+    (d.dir / "state" / "replay.jsonl").write_text("{not json\n")
+    d.start()
+    info = d.stub.Info(agentd_pb2.InfoRequest(), timeout=5)
+    assert info.HasField("replay_degraded_until")
+    with pytest.raises(grpc.RpcError) as exc:
+        d.run("after-loss", [AGENT_PYTHON, str(hostile / "ignore_term.py")])
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "stop and kill" in (exc.value.details() or "")
+    # Kill still works (here: of an unknown agent, which is the only kind left).
+    with pytest.raises(grpc.RpcError) as exc:
+        d.kill("before-loss")
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_edited_trust_store_is_picked_up(fresh_daemon: Daemon, hostile: Path) -> None:
+    d = fresh_daemon
+    ts = d.dir / "trusted_keys"
+    new_key_line = signing.public_key_line(d.keys.stranger, "late@test")
+    with pytest.raises(grpc.RpcError):
+        d.run("late", [AGENT_PYTHON, str(hostile / "ignore_term.py")], key=d.keys.stranger)
+    ts.write_text(ts.read_text() + f"late operator {new_key_line}\n")
+    agent = d.run("late", [AGENT_PYTHON, str(hostile / "ignore_term.py")], key=d.keys.stranger)
+    assert agent.started_by == "late"
+    # A malformed edit: everything is refused (fail closed) and the error names the line.
+    ts.write_text(ts.read_text() + "garbage line\n")
+    with pytest.raises(grpc.RpcError) as exc:
+        d.kill("late")
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "line" in (exc.value.details() or "")
+    ts.write_text(d.keys.trust_store())
+    d.kill("late")

@@ -1,0 +1,205 @@
+"""The daemon's own life: start-up, shutdown, leftovers, the socket, bad input, stuck tasks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agentd.v1 import agentd_pb2
+from tests.harness import AGENT_PYTHON, Daemon, alive, pids_in, wait_for
+
+pytestmark = pytest.mark.root
+
+
+def _ready(agent: agentd_pb2.Agent) -> bool:
+    return wait_for(lambda: "ready" in Path(agent.stdout_log).read_text(), 15)
+
+
+def test_sigterm_to_the_daemon_kills_every_agent(fresh_daemon: Daemon, hostile: Path) -> None:
+    d = fresh_daemon
+    agents = [d.run(f"a{i}", [AGENT_PYTHON, str(hostile / "daemonize.py")]) for i in range(3)]
+    assert all(_ready(a) for a in agents)
+    members = [p for a in agents for p in pids_in(a.cgroup_paths[0])]
+    assert len(members) == 6
+    assert d.stop() == 0
+    assert [p for p in members if alive(p)] == []
+    events = [r["event"] for r in d.audit_records()]
+    assert events.count("agent_killed_at_shutdown") == 3
+    assert events[-1] == "daemon_stop"
+
+
+def test_leftovers_of_a_dead_daemon_are_killed_at_start(fresh_daemon: Daemon,
+                                                        hostile: Path) -> None:
+    """kill -9 of the daemon leaves agents running (the guardian of a later issue covers that
+    window); the next start kills them, audits it, and never re-adopts them."""
+    d = fresh_daemon
+    agent = d.run("orphan", [AGENT_PYTHON, str(hostile / "daemonize.py")])
+    assert _ready(agent)
+    members = pids_in(agent.cgroup_paths[0])
+    d.stop(sig=signal.SIGKILL)
+    d.start()
+    assert [p for p in members if alive(p)] == []
+    assert not Path(agent.cgroup_paths[0]).exists()
+    leftover = [r for r in d.audit_records() if r["event"] == "leftover_agent_killed"]
+    assert leftover and leftover[-1]["agent_id"] == agent.id
+    assert leftover[-1]["processes_killed"] == 2
+    with pytest.raises(grpc.RpcError) as exc:
+        d.get("orphan")
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_control_socket_modes(fresh_daemon: Daemon) -> None:
+    d = fresh_daemon
+    sock = os.stat(d.socket)
+    assert stat.S_ISSOCK(sock.st_mode)
+    assert stat.S_IMODE(sock.st_mode) == 0o660
+    assert stat.S_IMODE(os.stat(d.socket.parent).st_mode) == 0o750
+    assert sock.st_uid == 0
+
+
+def test_root_agents_refused_by_default(fresh_daemon: Daemon, hostile: Path) -> None:
+    with pytest.raises(grpc.RpcError) as exc:
+        fresh_daemon.run("as-root", [AGENT_PYTHON, str(hostile / "ignore_term.py")],
+                         user="root")
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "root" in (exc.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    ("name", "argv", "code", "words"),
+    [
+        ("../escape", ["/bin/true"], grpc.StatusCode.INVALID_ARGUMENT, "name"),
+        ("UPPER", ["/bin/true"], grpc.StatusCode.INVALID_ARGUMENT, "name"),
+        ("empty-argv", [], grpc.StatusCode.INVALID_ARGUMENT, "no command"),
+        ("nul", ["/bin/echo", "a\0b"], grpc.StatusCode.INVALID_ARGUMENT, "NUL"),
+        ("missing", ["/no/such/program"], grpc.StatusCode.FAILED_PRECONDITION, "exec"),
+    ],
+)
+def test_bad_run_requests_get_clear_errors(fresh_daemon: Daemon, name: str, argv: list[str],
+                                           code: grpc.StatusCode, words: str) -> None:
+    d = fresh_daemon
+    with pytest.raises(grpc.RpcError) as exc:
+        d.run(name, argv)
+    assert exc.value.code() == code
+    assert words in (exc.value.details() or ""), exc.value.details()
+    assert d.stub.Info(agentd_pb2.InfoRequest(), timeout=5).host_id  # still serving
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        # The failed launch left no cgroup behind.
+        base = Path(d.stub.ListAgents(agentd_pb2.ListAgentsRequest(), timeout=5).agents[0]
+                    .cgroup_paths[0]).parent if d.stub.ListAgents(
+                        agentd_pb2.ListAgentsRequest(), timeout=5).agents else None
+        assert base is None or not list(base.iterdir())
+
+
+def test_unknown_agent(fresh_daemon: Daemon) -> None:
+    with pytest.raises(grpc.RpcError) as exc:
+        fresh_daemon.kill("nobody-here")
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "agentctl ps" in (exc.value.details() or "")
+
+
+def test_name_in_use(fresh_daemon: Daemon, hostile: Path) -> None:
+    d = fresh_daemon
+    d.run("twin", [AGENT_PYTHON, str(hostile / "ignore_term.py")])
+    with pytest.raises(grpc.RpcError) as exc:
+        d.run("twin", [AGENT_PYTHON, str(hostile / "ignore_term.py")])
+    assert exc.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    d.kill("twin")
+    # An ended agent's name can be used again.
+    d.run("twin", [AGENT_PYTHON, str(hostile / "ignore_term.py")])
+    d.kill("twin")
+
+
+def test_kernel_facts_in_status(fresh_daemon: Daemon, hostile: Path) -> None:
+    d = fresh_daemon
+    agent = d.run("facts", [AGENT_PYTHON, str(hostile / "daemonize.py")], memory=64 << 20)
+    assert _ready(agent)
+    status = d.get("facts")
+    assert sorted(status.pids) == sorted(pids_in(agent.cgroup_paths[0]))
+    assert status.main_pid in status.pids
+    assert status.memory_bytes > 0
+    assert status.uid == 65534
+    assert Path(f"/proc/{status.main_pid}").stat().st_uid == 65534
+    assert status.started_at.seconds > 0
+    assert status.state == agentd_pb2.AGENT_STATE_RUNNING
+    d.kill("facts")
+    ended = d.get("facts")
+    assert ended.state == agentd_pb2.AGENT_STATE_KILLED
+    assert wait_for(lambda: d.get("facts").HasField("exit_signal"), 5)
+    assert d.get("facts").exit_signal == signal.SIGKILL
+
+
+def test_exit_code_of_a_finished_agent(fresh_daemon: Daemon) -> None:
+    d = fresh_daemon
+    d.run("quick", ["/bin/sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert wait_for(lambda: d.get("quick").state == agentd_pb2.AGENT_STATE_EXITED, 10)
+    status = d.get("quick")
+    assert status.exit_code == 3
+    assert Path(status.stdout_log).read_text() == "out\n"
+    assert Path(status.stderr_log).read_text() == "err\n"
+    result = d.kill("quick")
+    assert result.already_ended
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "v2"])
+def test_fallback_kill_without_cgroup_kill(tmp_root: Path, hostile: Path, mode: str) -> None:
+    """Forced fallback (as on kernels before 5.14): freeze, SIGKILL each member, thaw, repeat."""
+    from tests.conftest import start_daemon
+
+    d = start_daemon(tmp_root, mode, extra=["--force-kill-fallback"])
+    try:
+        info = d.stub.Info(agentd_pb2.InfoRequest(), timeout=5)
+        assert info.kill_method == "freeze-and-kill"
+        agent = d.run("storm", [AGENT_PYTHON, str(hostile / "fork_storm.py")],
+                      pids=128 if mode == "hybrid" else 0)
+        assert _ready(agent)
+        members = pids_in(agent.cgroup_paths[0])
+        result = d.kill("storm")
+        assert result.method == "freeze-and-kill", [
+            r for r in d.audit_records() if r.get("agent_id") == agent.id]
+        assert result.verified_empty
+        assert pids_in(agent.cgroup_paths[0]) == []
+        assert [p for p in members if alive(p)] == []
+        agent = d.run("daemoniser", [AGENT_PYTHON, str(hostile / "daemonize.py")])
+        assert _ready(agent)
+        result = d.stop_agent("daemoniser", grace_ms=200)
+        assert result.verified_empty and result.processes_killed == 2
+    finally:
+        d.stop()
+
+
+def test_stuck_process_is_reported_not_waited_on(tmp_root: Path, hostile: Path) -> None:
+    """A task that cannot die yet (here: frozen by the v1 freezer, which leaves a killed task
+    in D state until thawed) must not hang the daemon: the kill answers, names it, and the
+    daemon notices once it finally goes."""
+    from daemon.cgroups.layout import discover
+    from tests.conftest import start_daemon
+
+    layout = discover()
+    if "freezer" not in layout.v1:
+        pytest.skip("needs a v1 freezer hierarchy to make a task that ignores SIGKILL")
+    d = start_daemon(tmp_root, "hybrid", extra=["--kill-verify-timeout", "0.5"])
+    freezer = None
+    try:
+        agent = d.run("frozen", [AGENT_PYTHON, str(hostile / "ignore_term.py")])
+        assert _ready(agent)
+        freezer = next(Path(p) for p in agent.cgroup_paths if "/freezer/" in p)
+        (freezer / "freezer.state").write_text("FROZEN")
+        assert wait_for(lambda: (freezer / "freezer.state").read_text().strip() == "FROZEN", 5)
+        result = d.kill("frozen")
+        assert not result.verified_empty
+        assert [s.pid for s in result.stuck] == [agent.main_pid]
+        assert result.stuck[0].state == "D"
+        assert d.stub.Info(agentd_pb2.InfoRequest(), timeout=5).host_id  # daemon responsive
+        (freezer / "freezer.state").write_text("THAWED")
+        assert wait_for(lambda: not alive(agent.main_pid), 5)
+        assert wait_for(lambda: d.get("frozen").state == agentd_pb2.AGENT_STATE_KILLED, 5)
+    finally:
+        if freezer is not None and freezer.exists():
+            (freezer / "freezer.state").write_text("THAWED")
+        d.stop()
