@@ -1,0 +1,261 @@
+"""Kill latency: signed kill through agentd beside the physical limit and a naive kill.
+
+For trees of 1, 10, 100 and 1000 processes (a tenth of them escaped into their
+own session with setsid, as daemonisers do), measures:
+
+* agentd: a signed Kill RPC — the client's wall time, and the daemon's own
+  time from acceptance to the kernel reporting the cgroup empty;
+* raw cgroup.kill: one write to cgroup.kill of an identical tree, then polling
+  cgroup.events until populated 0 — the physical limit;
+* naive: `kill -9 -PGID` of an identical tree, then waiting for the process
+  group to vanish; escaped processes survive it.
+
+Survivors are counted for each. Prints a table, writes JSON to
+benchmarks/results/kill_latency.json. Needs root. Never asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.harness import Daemon  # noqa: E402
+
+SIZES = [1, 10, 100, 1000]
+
+
+def tree_script(n: int) -> str:
+    """A shell that leaves exactly n processes: n-1 sleeps (every tenth escaped), then execs."""
+    escaped = (n - 1) // 10
+    plain = n - 1 - escaped
+    parts = []
+    if plain:
+        parts.append(f"i=0; while [ $i -lt {plain} ]; do sleep 1000 & i=$((i+1)); done")
+    if escaped:
+        parts.append(f"i=0; while [ $i -lt {escaped} ]; do setsid sleep 1000 & i=$((i+1)); done")
+    parts.append("exec sleep 1000")
+    return "; ".join(parts)
+
+
+def wait_count(procs: Path, n: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(procs.read_text().split()) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"tree never reached {n} processes")
+        time.sleep(0.01)
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state is [0], pgrp [2], session [3])."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def wait_escaped(procs: Path, leader: int, escaped: int, timeout: float = 60.0) -> None:
+    """Wait until `escaped` members have left the leader's session (setsid has run)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lead = _stat(leader)
+        sid = lead[3] if lead else ""
+        count = sum(1 for p in procs.read_text().split()
+                    if (st := _stat(int(p))) is not None and st[3] != sid)
+        if count >= escaped:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {count} of {escaped} processes escaped")
+        time.sleep(0.01)
+
+
+def live_in_pgrp(procs: Path, pgid: int) -> int:
+    """Members of the process group that are still alive (zombies excluded)."""
+    n = 0
+    for p in procs.read_text().split():
+        st = _stat(int(p))
+        if st is not None and st[2] == str(pgid) and st[0] != "Z":
+            n += 1
+    return n
+
+
+def populated(cg: Path) -> bool:
+    return "populated 1" in (cg / "cgroup.events").read_text()
+
+
+def spin_until_empty(cg: Path) -> None:
+    delay = 20e-6
+    while populated(cg):
+        time.sleep(delay)
+        delay = min(delay * 2, 1e-3)
+
+
+class Scratch:
+    """A bench cgroup of our own in the v2 hierarchy, for the raw and naive runs."""
+
+    def __init__(self, unified: Path) -> None:
+        self.base = unified / f"agentd-bench-{uuid.uuid4().hex[:8]}"
+        self.base.mkdir()
+
+    def spawn(self, n: int, own_pgrp: bool) -> tuple[Path, subprocess.Popen[bytes]]:
+        cg = self.base / uuid.uuid4().hex[:8]
+        cg.mkdir()
+        # The shell joins the cgroup before it forks anything.
+        script = f"echo $$ > {cg}/cgroup.procs; {tree_script(n)}"
+        proc = subprocess.Popen(["/bin/sh", "-c", script], start_new_session=own_pgrp,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_count(cg / "cgroup.procs", n)
+        wait_escaped(cg / "cgroup.procs", proc.pid, (n - 1) // 10)
+        return cg, proc
+
+    def cleanup(self, cg: Path, proc: subprocess.Popen[bytes]) -> None:
+        (cg / "cgroup.kill").write_text("1")
+        spin_until_empty(cg)
+        proc.wait()
+        cg.rmdir()
+
+    def close(self) -> None:
+        self.base.rmdir()
+
+
+def bench_raw(scratch: Scratch, n: int) -> tuple[float, int]:
+    cg, proc = scratch.spawn(n, own_pgrp=False)
+    t0 = time.perf_counter()
+    fd = os.open(cg / "cgroup.kill", os.O_WRONLY)
+    os.write(fd, b"1")
+    os.close(fd)
+    spin_until_empty(cg)
+    ms = (time.perf_counter() - t0) * 1e3
+    survivors = len((cg / "cgroup.procs").read_text().split())
+    scratch.cleanup(cg, proc)
+    return ms, survivors
+
+
+def bench_naive(scratch: Scratch, n: int) -> tuple[float, int]:
+    cg, proc = scratch.spawn(n, own_pgrp=True)
+    pgid = proc.pid
+    t0 = time.perf_counter()
+    os.killpg(pgid, signal.SIGKILL)
+    # Done, as far as a naive supervisor can tell: nothing alive is left in
+    # its process group. (Zombies are excluded: reaping them is init's pace,
+    # not the kill's.) The cgroup is used here only to find the processes.
+    while live_in_pgrp(cg / "cgroup.procs", pgid):
+        time.sleep(20e-6)
+    ms = (time.perf_counter() - t0) * 1e3
+    proc.wait()
+    time.sleep(0.05)
+    survivors = sum(1 for p in (cg / "cgroup.procs").read_text().split()
+                    if (st := _stat(int(p))) is not None and st[0] != "Z")
+    scratch.cleanup(cg, proc)
+    return ms, survivors
+
+
+def bench_agentd(d: Daemon, n: int, i: int) -> tuple[float, float, int, int]:
+    name = f"bench-{n}-{i}"
+    agent = d.run(name, ["/bin/sh", "-c", tree_script(n)], pids=n + 64)
+    cg = Path(agent.cgroup_paths[0])
+    wait_count(cg / "cgroup.procs", n)
+    cmd = d.command()
+    cmd.kill.name = name
+    env = d.sign(cmd, d.keys.oncall)
+    t0 = time.perf_counter()
+    result = d.stub.Kill(env, timeout=120)
+    wall = (time.perf_counter() - t0) * 1e3
+    survivors = len((cg / "cgroup.procs").read_text().split()) if cg.exists() else 0
+    return wall, result.duration_ms, survivors, result.processes_killed
+
+
+def summary(xs: list[float]) -> dict[str, float]:
+    s = sorted(xs)
+    p99 = s[min(len(s) - 1, round(0.99 * (len(s) - 1)))]
+    return {"median": statistics.median(s), "p99": p99, "max": s[-1], "n": len(s)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=0, help="repetitions per size (default: by size)")
+    ap.add_argument("--sizes", type=int, nargs="*", default=SIZES)
+    ap.add_argument("--out", type=Path,
+                    default=Path(__file__).resolve().parent / "results" / "kill_latency.json")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("kill_latency: needs root (cgroups)")
+    root = Path(tempfile.mkdtemp(prefix="agentd-bench-"))
+    d = Daemon(root / "dev").start()
+    from daemon.cgroups.layout import discover
+
+    scratch = Scratch(discover().unified)
+    rows = []
+    try:
+        for n in a.sizes:
+            reps = a.reps or (30 if n <= 10 else 15 if n <= 100 else 5)
+            wall, daemon_ms, raw, naive = [], [], [], []
+            surv = {"agentd": 0, "raw": 0, "naive": 0}
+            killed = []
+            for i in range(reps):
+                w, dm, s, k = bench_agentd(d, n, i)
+                wall.append(w)
+                daemon_ms.append(dm)
+                surv["agentd"] += s
+                killed.append(k)
+                r, s = bench_raw(scratch, n)
+                raw.append(r)
+                surv["raw"] += s
+                nv, s = bench_naive(scratch, n)
+                naive.append(nv)
+                surv["naive"] += s
+            row = {
+                "processes": n, "reps": reps,
+                "agentd_client_ms": summary(wall), "agentd_daemon_ms": summary(daemon_ms),
+                "raw_cgroup_kill_ms": summary(raw), "naive_pgid_kill_ms": summary(naive),
+                "survivors": surv, "processes_killed_reported": statistics.median(killed),
+            }
+            limit = 1.5 * row["raw_cgroup_kill_ms"]["median"] + 1.0
+            row["target_ms"] = limit
+            row["meets_target"] = row["agentd_daemon_ms"]["median"] <= limit
+            rows.append(row)
+    finally:
+        d.stop()
+        scratch.close()
+        shutil.rmtree(root, ignore_errors=True)
+    print_table(rows)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"benchmark": "kill_latency", "host": os.uname().nodename,
+                                 "kernel": os.uname().release, "rows": rows}, indent=2))
+    print(f"\nwrote {a.out}")
+
+
+def print_table(rows: list[dict[str, object]]) -> None:
+    head = (f"{'procs':>6} {'reps':>4} | {'agentd client':>18} | {'agentd daemon':>18} | "
+            f"{'raw cgroup.kill':>18} | {'naive kill -PGID':>18} | {'target':>7} | survivors a/r/n")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        def cell(key: str, r: dict[str, object] = r) -> str:
+            s = r[key]
+            assert isinstance(s, dict)
+            return f"{s['median']:7.2f} / {s['p99']:7.2f}"
+        surv = r["survivors"]
+        assert isinstance(surv, dict)
+        print(f"{r['processes']:>6} {r['reps']:>4} | {cell('agentd_client_ms'):>18} | "
+              f"{cell('agentd_daemon_ms'):>18} | {cell('raw_cgroup_kill_ms'):>18} | "
+              f"{cell('naive_pgid_kill_ms'):>18} | {r['target_ms']:7.2f} | "
+              f"{surv['agentd']}/{surv['raw']}/{surv['naive']}")
+    print("\ncells: median / p99 in ms; target = 1.5 x raw median + 1 ms "
+          "(daemon-reported median must not exceed it)")
+
+
+if __name__ == "__main__":
+    main()
