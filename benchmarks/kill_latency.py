@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.harness import Daemon  # noqa: E402
+from tests.harness import Daemon
 
 SIZES = [1, 10, 100, 1000]
 
