@@ -139,5 +139,11 @@ class CgroupError(AgentdError):
         self.path = path
 
 
+class AuditWriteError(AgentdError):
+    """An audit record could not be written or made durable. The message says which."""
+
+    reason = "audit_write_failed"
+
+
 class ConfigError(Exception):
     """The daemon's configuration is unusable. Raised at start-up only."""

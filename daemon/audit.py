@@ -1,0 +1,276 @@
+"""The daemon's append-only, hash-chained audit log.
+
+The record format and the verifier live in :mod:`agentd.auditchain` so that
+agentctl can check a log without the daemon. This module owns the file: it
+opens or repairs the chain at start, appends records durably, and keeps the
+head file (``PATH.head``) that reveals trailing truncation.
+
+Ordering that matters: the daemon appends *after* a kill, never before it, so
+a slow disk cannot delay a kill; and each append writes and fsyncs the record
+before it replaces the head file, so a head never names a record that is not
+on disk (after a crash the head may lag the log by one record; the verifier
+accepts a head that lags).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Self
+
+from agentd import auditchain
+
+from daemon.errors import AuditWriteError
+
+# Enough of the old chain's problems to act on; the file itself keeps the rest.
+_MAX_PROBLEMS_RECORDED = 20
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class AuditLog:
+    """An open audit log: append records to the chain, one line each.
+
+    Create with :meth:`open`. Thread-safe: one lock orders appends.
+    """
+
+    def __init__(
+        self, path: Path, fd: int, seq: int, head_hash: str, clock: Callable[[], datetime]
+    ) -> None:
+        """Wrap an open descriptor; use :meth:`open` instead."""
+        self._path = path
+        self._fd = fd
+        # (seq, hash) of the newest record, replaced as one tuple so readers
+        # need no lock (Info must not wait behind an fsync).
+        self._head = (seq, head_hash)
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: Path, *, clock: Callable[[], datetime] = _utcnow) -> Self:
+        """Open the log at *path*, continuing its chain or starting one.
+
+        Creates the parent directory (0750) and the file (0600) if missing.
+        An existing log is verified, against ``PATH.head`` when present. If it
+        fails, it is moved aside to ``PATH.broken-<unix time>`` (with its head
+        file, as ``PATH.broken-<unix time>.head``) and a new chain starts with
+        an ``audit_chain_broken`` record naming it: the kill switch must stay
+        available, so a bad log never stops the daemon. *clock* gives the
+        records' ``ts``.
+
+        Raises AuditWriteError if the file cannot be created, read or moved.
+        """
+        try:
+            path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            seq, head_hash, broken = _recover(path, int(clock().timestamp()))
+            fd = _open_append(path)
+        except OSError as err:
+            raise AuditWriteError(f"cannot open audit log {path}: {err}") from err
+        log = cls(path, fd, seq, head_hash, clock)
+        try:
+            if broken is not None:
+                log.append("audit_chain_broken", **broken)
+            else:
+                # Bring a lagging or missing head file up to date with the log.
+                log._write_head()
+        except BaseException:
+            log.close()
+            raise
+        return log
+
+    # ------------------------------------------------------------ appending
+    def append(self, event: str, **fields: Any) -> str:
+        """Append one record, fsync it, update the head file; return its hash.
+
+        Values must be JSON-serialisable (convert bytes to hex at the call
+        site). Raises TypeError or ValueError for a bad field, before anything
+        is written; AuditWriteError if the write or fsync fails. The record
+        is in the chain once the write succeeds, even if a later step fails.
+        """
+        with self._lock:
+            seq, prev = self._head
+            line = auditchain.encode_record(
+                seq=seq + 1, prev=prev, event=event, ts=self._clock(), fields=fields
+            )
+            self._write_line(line + b"\n")
+            digest = auditchain.record_hash(line)
+            self._head = (seq + 1, digest)
+            # Under the lock, so that heads are written in seq order and the
+            # head file never goes backwards.
+            self._sync_and_write_head()
+            return digest
+
+    def _write_line(self, data: bytes) -> None:
+        """Write one whole line; on failure, cut off any partial line."""
+        try:
+            start = os.fstat(self._fd).st_size
+        except OSError as err:
+            raise AuditWriteError(f"cannot write audit log {self._path}: {err}") from err
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+        except OSError as err:
+            # A partial line would glue itself to the next record and break
+            # the chain for good. Only we write this file (under the lock).
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, start)
+            raise AuditWriteError(f"cannot write audit log {self._path}: {err}") from err
+
+    def _sync_and_write_head(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as err:
+            raise AuditWriteError(
+                f"audit record {self._head[0]} written but not made durable "
+                f"(fsync {self._path}): {err}"
+            ) from err
+        self._write_head()
+
+    def _write_head(self) -> None:
+        """Replace the head file atomically: write a temporary file, fsync, rename."""
+        head = auditchain.head_path(self._path)
+        tmp = head.with_name(head.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, auditchain.encode_head(*self._head))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, head)
+        except OSError as err:
+            raise AuditWriteError(
+                f"audit record {self._head[0]} written but head file {head} not updated: {err}"
+            ) from err
+
+    # ------------------------------------------------------------ accessors
+    @property
+    def head(self) -> tuple[int, str]:
+        """``(seq, sha256)`` of the newest record; ``(-1, GENESIS)`` if none."""
+        return self._head
+
+    @property
+    def records(self) -> int:
+        """Number of records in the chain."""
+        return self.head[0] + 1
+
+    @property
+    def path(self) -> Path:
+        """Where the log lives."""
+        return self._path
+
+    def close(self) -> None:
+        """Close the file. Appending afterwards raises AuditWriteError."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_append(path: Path) -> int:
+    """Open *path* for appending, creating it 0600 if missing."""
+    # O_APPEND: every write lands at the end, whatever else has the file open.
+    # O_NOFOLLOW: a symlink planted at the log path must not redirect root's
+    # writes. O_CLOEXEC: agents must never inherit the log's descriptor.
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return os.open(path, flags)
+    # A new directory entry survives a crash only once its directory is synced.
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return fd
+
+
+def _recover(path: Path, now: int) -> tuple[int, str, dict[str, Any] | None]:
+    """Find where the chain at *path* ends; move a broken log aside.
+
+    Returns ``(seq, hash)`` of the newest record to continue from, and the
+    fields of the ``audit_chain_broken`` record to start a new chain with, or
+    None if the log is missing, empty or intact. Raises OSError.
+    """
+    head_file = auditchain.head_path(path)
+    problems: list[str] = []
+    expected: tuple[int, str] | None = None
+    try:
+        expected = auditchain.read_head(head_file)
+    except FileNotFoundError:
+        pass  # a new log, or the head was removed: trailing truncation undetectable
+    except ValueError as err:
+        problems.append(f"head file unusable: {err}")
+    unread = auditchain.VerifyReport(ok=False, records=0, head=auditchain.GENESIS, last_seq=-1)
+    if not path.exists():
+        if expected is None or expected[0] < 0:
+            return -1, auditchain.GENESIS, None
+        # The head outlived its log: the whole log was deleted.
+        problems.append(f"log is missing but its head says {expected[0] + 1} records: deleted")
+        report = unread
+    else:
+        try:
+            report = auditchain.verify(path, expected_head=expected)
+        except OSError as err:
+            # Unreadable (EIO, EACCES): set it aside like a broken one rather
+            # than keep the daemon, and so the kill switch, from starting.
+            report = unread
+            problems.append(f"cannot read the log: {err}")
+        problems.extend(report.problems)
+    if not problems:
+        return report.last_seq, report.head, None
+    aside = _move_aside(path, now) if path.exists() else None
+    if head_file.exists():
+        base = aside if aside is not None else _free_name(path, now)
+        head_file.rename(auditchain.head_path(base))
+    return -1, auditchain.GENESIS, {
+        "broken_log": str(aside) if aside else None,
+        "broken_head": report.head,
+        "broken_last_seq": report.last_seq,
+        "broken_records": report.records,
+        "expected_head": list(expected) if expected else None,
+        "problems": problems[:_MAX_PROBLEMS_RECORDED],
+        "problems_total": len(problems),
+    }
+
+
+def _free_name(path: Path, now: int) -> Path:
+    for n in range(1000):
+        aside = path.with_name(f"{path.name}.broken-{now}" + (f"-{n}" if n else ""))
+        if not aside.exists() and not auditchain.head_path(aside).exists():
+            return aside
+    raise FileExistsError(f"no free name to move {path} aside")
+
+
+def _move_aside(path: Path, now: int) -> Path:
+    """Rename *path* to ``PATH.broken-<now>[-N]`` without clobbering anything."""
+    for n in range(1000):
+        aside = path.with_name(f"{path.name}.broken-{now}" + (f"-{n}" if n else ""))
+        if auditchain.head_path(aside).exists():
+            continue
+        try:
+            # link() fails if the target exists, unlike rename().
+            os.link(path, aside)
+        except FileExistsError:
+            continue
+        path.unlink()
+        return aside
+    raise FileExistsError(f"no free name to move {path} aside")
+
+
+__all__ = ["AuditLog", "AuditWriteError"]
