@@ -1,0 +1,121 @@
+"""The agentctl command line: the group, its global options, and how failures end.
+
+Every failure, whether a usage error, a refusal by the daemon or a bug, ends
+as one line on stderr, ``agentctl: error: MESSAGE``, and the exit code of
+its error class (the table is in agentctl.errors). With --json, the error
+is also printed on stdout as ``{"error": {...}}`` unless the command already
+printed its result there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from agentctl.cmd_agents import COMMANDS
+from agentctl.cmd_audit import audit
+from agentctl.cmd_keys import keygen
+from agentctl.context import DEFAULT_SOCKET, Settings, emit_json
+from agentctl.errors import AgentctlError, Interrupted
+
+
+class AgentctlGroup(click.Group):
+    """A click group whose every failure is one ``agentctl: error:`` line."""
+
+    def main(  # type: ignore[override]  # click's overloads, one signature here
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Run the CLI; in standalone mode, report any failure in one line and exit."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.ClickException as err:
+            _fail(err)
+        except click.Abort:
+            _fail(Interrupted("interrupted: a command already sent may still be carried out"))
+        except Exception as err:
+            if os.environ.get("AGENTCTL_DEBUG"):
+                raise
+            _fail(
+                AgentctlError(
+                    f"internal error: {type(err).__name__}: {err} "
+                    "(set AGENTCTL_DEBUG=1 for the traceback)"
+                )
+            )
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Invoke the command; with --json, also print an error as JSON on stdout."""
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as err:
+            settings = ctx.find_object(Settings)
+            if settings is not None and settings.json and not getattr(err, "result_printed", 0):
+                emit_json(
+                    {
+                        "error": {
+                            "message": _one_line(err),
+                            "exit_code": err.exit_code,
+                            "status": getattr(err, "status", None),
+                        }
+                    }
+                )
+            raise
+
+
+def _one_line(err: click.ClickException) -> str:
+    message = " ".join(err.format_message().split())
+    if isinstance(err, click.UsageError) and err.ctx is not None:
+        message += f" (see '{err.ctx.command_path} --help')"
+    return message
+
+
+def _fail(err: click.ClickException) -> NoReturn:
+    click.echo(f"agentctl: error: {_one_line(err)}", err=True)
+    sys.exit(err.exit_code)
+
+
+@click.group(
+    "agentctl", cls=AgentctlGroup, context_settings={"help_option_names": ["-h", "--help"]}
+)
+@click.option(
+    "--socket", type=click.Path(path_type=Path), envvar="AGENTD_SOCKET",
+    default=DEFAULT_SOCKET, show_default=True, show_envvar=True,
+    help="agentd's control socket.",
+)
+@click.option(
+    "--key", type=click.Path(path_type=Path, dir_okay=False), envvar="AGENTCTL_KEY",
+    show_envvar=True,
+    help="Ed25519 private key (OpenSSH or PEM) for signed commands; its passphrase "
+    "comes from $AGENTCTL_KEY_PASSPHRASE or a prompt.",
+)
+@click.option("--json", "json_output", is_flag=True, help="Print results as JSON.")
+@click.version_option(package_name="agentd", prog_name="agentctl")
+@click.pass_context
+def cli(ctx: click.Context, socket: Path, key: Path | None, json_output: bool) -> None:
+    """Control agentd, the kill switch for AI agents.
+
+    To end an agent now: agentctl --key KEY kill NAME
+    """
+    settings = ctx.ensure_object(Settings)
+    settings.socket, settings.key, settings.json = socket, key, json_output
+    ctx.call_on_close(settings.close)
+
+
+for _command in (keygen, *COMMANDS, audit):
+    cli.add_command(_command)
+
+
+def main() -> None:
+    """The ``agentctl`` entry point."""
+    cli(prog_name="agentctl")

@@ -1,0 +1,147 @@
+"""What every command shares: the settings from global options, and the options themselves.
+
+``--json`` is accepted on the group and on every subcommand, ``--socket`` on
+every command that talks to the daemon, ``--key`` on every signing command:
+an operator typing ``agentctl kill rogue --key ~/.ssh/id_ed25519`` at 3 a.m.
+should not be told the option belongs before the command name.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from agentctl import client as client_mod
+from agentctl.params import DURATION
+
+DEFAULT_SOCKET = Path("/run/agentd/agentd.sock")
+DEFAULT_LIFETIME_S = 300.0
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class Settings:
+    """What the global options decided, shared by every command (``ctx.obj``).
+
+    Tests may pass their own (``CliRunner.invoke(cli, ..., obj=Settings(...))``)
+    to shorten the connect timeout, fix the clock or stand in a client.
+    """
+
+    socket: Path = DEFAULT_SOCKET
+    key: Path | None = None
+    json: bool = False
+    connect_timeout: float = client_mod.CONNECT_TIMEOUT_S
+    connect: Callable[..., client_mod.Client] = client_mod.connect
+    clock: Callable[[], float] = time.time
+    _client: client_mod.Client | None = field(default=None, repr=False)
+
+    def client(self) -> client_mod.Client:
+        """The daemon client, connected on first use."""
+        if self._client is None:
+            self._client = self.connect(self.socket, connect_timeout=self.connect_timeout)
+        return self._client
+
+    def now(self) -> datetime:
+        """The current time, from :attr:`clock`, in UTC."""
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    def close(self) -> None:
+        """Close the client, if one was opened."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+pass_settings = click.make_pass_decorator(Settings, ensure=True)
+
+
+@dataclass(frozen=True)
+class SignOptions:
+    """The options of a signed command (see :func:`signing_options`)."""
+
+    reason: str
+    lifetime_s: float
+    sign_only: bool
+    audience: str | None
+
+
+def emit_json(obj: Any) -> None:
+    """Print *obj* as one JSON document on stdout."""
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _store(attr: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    """A callback that stores an option given to a subcommand in Settings."""
+
+    def store(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value is not None and value is not False:
+            setattr(ctx.ensure_object(Settings), attr, value)
+
+    return store
+
+
+def json_option(f: F) -> F:
+    """``--json`` on a subcommand."""
+    return click.option(
+        "--json", is_flag=True, expose_value=False, callback=_store("json"),
+        help="Print the result as JSON.",
+    )(f)
+
+
+def socket_option(f: F) -> F:
+    """``--socket`` on a subcommand that talks to the daemon."""
+    return click.option(
+        "--socket", type=click.Path(path_type=Path), expose_value=False,
+        callback=_store("socket"), help="agentd's control socket (as the global option).",
+    )(f)
+
+
+def key_option(f: F) -> F:
+    """``--key`` on a signing subcommand."""
+    return click.option(
+        "--key", type=click.Path(path_type=Path, dir_okay=False), expose_value=False,
+        callback=_store("key"), help="Private key to sign with (as the global option).",
+    )(f)
+
+
+def signing_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the options of a signed command; the command gets them as ``sign: SignOptions``."""
+
+    @functools.wraps(f)
+    def collect(
+        *args: Any, reason: str, lifetime: float, sign_only: bool, audience: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        return f(*args, sign=SignOptions(reason, lifetime, sign_only, audience), **kwargs)
+
+    options = [
+        click.option("--reason", default="", help="Why; recorded in the audit log."),
+        click.option(
+            "--lifetime", type=DURATION, default=DEFAULT_LIFETIME_S,
+            help="How long the signed command stays valid [default: 5m].",
+        ),
+        click.option(
+            "--sign-only", is_flag=True,
+            help="Print the signed envelope (DSSE JSON) instead of sending it.",
+        ),
+        click.option(
+            "--audience", metavar="HOST_ID",
+            help="The daemon's host id; with it, --sign-only needs no daemon (offline).",
+        ),
+        key_option,
+        socket_option,
+        json_option,
+    ]
+    wrapped: Callable[..., Any] = collect
+    for option in reversed(options):
+        wrapped = option(wrapped)
+    return wrapped

@@ -1,0 +1,214 @@
+"""Turn the daemon's answers into text for people and dicts for --json.
+
+Text is for an operator under pressure: the outcome first, units spelled
+out, nothing that needs the proto to decode. JSON keeps the proto's
+snake_case field names and numbers as numbers.
+"""
+
+from __future__ import annotations
+
+import shlex
+import signal
+from datetime import datetime
+from typing import Any
+
+from agentd.v1 import agentd_pb2
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from agentctl import format as fmt
+
+_INT64_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
+_TIMESTAMP = Timestamp.DESCRIPTOR.full_name
+
+
+# --------------------------------------------------------------------- JSON
+def to_dict(msg: Message) -> dict[str, Any]:
+    """The message as a dict: proto field names, every field, 64-bit ints as numbers.
+
+    (The proto3 JSON mapping writes 64-bit integers as strings; scripts
+    comparing ``memory_bytes`` should not have to know that.)
+    """
+    d = MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    _ints_as_numbers(msg.DESCRIPTOR, d)  # type: ignore[arg-type]  # upb's Descriptor
+    return d
+
+
+def _ints_as_numbers(desc: Descriptor, d: dict[str, Any]) -> None:
+    for f in desc.fields:
+        if f.name not in d:
+            continue
+        if f.type in _INT64_TYPES:
+            d[f.name] = [int(v) for v in d[f.name]] if f.is_repeated else int(d[f.name])
+        elif f.message_type is not None and f.message_type.full_name != _TIMESTAMP:
+            for sub in d[f.name] if f.is_repeated else [d[f.name]]:
+                _ints_as_numbers(f.message_type, sub)
+
+
+# ----------------------------------------------------------------- helpers
+def state_name(state: agentd_pb2.AgentState.ValueType) -> str:
+    """``running``, ``stopping``, ``exited``, ``killed`` or ``unknown``."""
+    name = agentd_pb2.AgentState.Name(state).removeprefix("AGENT_STATE_").lower()
+    return "unknown" if name == "unspecified" else name
+
+
+def _when(ts: Timestamp, now: datetime) -> str:
+    return fmt.format_time(ts.ToDatetime(tzinfo=now.tzinfo), now) if ts.seconds else "-"
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+def resources_text(res: agentd_pb2.Resources) -> str:
+    """``memory 512M, pids 256, cpus 0.5``; 'daemon defaults' when none is set."""
+    parts = []
+    if res.memory_bytes:
+        parts.append(f"memory {fmt.format_bytes(res.memory_bytes)}")
+    if res.pids_max:
+        parts.append(f"pids {res.pids_max}")
+    if res.cpu_millis:
+        parts.append(f"cpus {fmt.format_cpus(res.cpu_millis)}")
+    return ", ".join(parts) or "daemon defaults"
+
+
+def _fields(rows: list[tuple[str, str]]) -> str:
+    """``key: value`` lines, values aligned; a value's further lines indented under it."""
+    width = max(len(k) for k, _ in rows) + 2
+    indent = "\n" + " " * width
+    return "\n".join(f"{k + ':':<{width}}{(v or '-').replace(chr(10), indent)}" for k, v in rows)
+
+
+# ------------------------------------------------------------------ agents
+def agent_text(agent: agentd_pb2.Agent, now: datetime) -> str:
+    """Every field of an Agent, one per line (for ``status`` and ``run``)."""
+    exit_parts = []
+    if agent.HasField("exit_code"):
+        exit_parts.append(f"code {agent.exit_code}")
+    if agent.HasField("exit_signal"):
+        exit_parts.append(f"signal {agent.exit_signal} ({_signal_name(agent.exit_signal)})")
+    rows = [
+        ("name", agent.name),
+        ("id", agent.id),
+        ("state", state_name(agent.state)),
+        ("main pid", str(agent.main_pid) if agent.main_pid else "-"),
+        ("pids", f"{len(agent.pids)}: {' '.join(map(str, agent.pids))}" if agent.pids else "0"),
+        ("memory", fmt.format_bytes(agent.memory_bytes)),
+        ("cgroups", "\n".join(agent.cgroup_paths) or "-"),
+        ("user", f"{agent.user or '-'} (uid {agent.uid})"),
+        ("command", shlex.join(agent.argv)),
+        ("limits", resources_text(agent.resources)),
+        ("started", _when(agent.started_at, now)),
+        ("ended", _when(agent.ended_at, now)),
+        ("exit", ", ".join(exit_parts) or "-"),
+        ("stdout log", agent.stdout_log or "-"),
+        ("stderr log", agent.stderr_log or "-"),
+        ("started by", agent.started_by or "-"),
+    ]
+    return _fields(rows)
+
+
+def agents_table(agents: list[agentd_pb2.Agent], now: datetime) -> str:
+    """The ``ps`` table: NAME STATE PIDS MEM UPTIME USER ID."""
+    rows = []
+    for a in sorted(agents, key=lambda a: (a.name, a.started_at.seconds)):
+        if not a.started_at.seconds:
+            uptime = "-"
+        elif a.ended_at.seconds:
+            ago = now - a.ended_at.ToDatetime(tzinfo=now.tzinfo)
+            uptime = f"ended {fmt.format_duration(ago.total_seconds())} ago"
+        else:
+            up = now - a.started_at.ToDatetime(tzinfo=now.tzinfo)
+            uptime = fmt.format_duration(up.total_seconds())
+        rows.append(
+            [
+                a.name,
+                state_name(a.state),
+                str(len(a.pids)),
+                fmt.format_bytes(a.memory_bytes),
+                uptime,
+                a.user or "-",
+                a.id,
+            ]
+        )
+    return fmt.table(["NAME", "STATE", "PIDS", "MEM", "UPTIME", "USER", "ID"], rows)
+
+
+# ------------------------------------------------------------------- kills
+def kill_text(result: agentd_pb2.KillResult, verb: str) -> str:
+    """What a stop or kill (*verb*) did, e.g.
+
+    ``killed 'rogue': 3 processes, cgroup verified empty in 1.8 ms (cgroup.kill)``
+
+    and, when processes are stuck, a table of them and what happens next.
+    """
+    done = {"stop": "stopped", "kill": "killed"}.get(verb, verb + "ed")
+    n = result.processes_killed
+    procs = f"{n} process" + ("" if n == 1 else "es")
+    if result.terminated_by_sigterm:
+        procs += f" ({result.terminated_by_sigterm} exited on SIGTERM)"
+    method = f" ({result.method})" if result.method else ""
+    took = fmt.format_ms(result.duration_ms)
+    if result.already_ended:
+        head = f"'{result.name}' had already ended ({state_name(result.state)}): nothing to {verb}"
+        if result.verified_empty:
+            return head
+        head += ", but its cgroup is NOT empty"
+    elif result.verified_empty:
+        return f"{done} '{result.name}': {procs}, cgroup verified empty in {took}{method}"
+    else:
+        head = f"{done} '{result.name}': {procs}, but the cgroup is NOT empty after {took}{method}"
+    rows = [[str(p.pid), p.state or "?", p.wchan or "-", p.comm or "?"] for p in result.stuck]
+    stuck = fmt.table(["PID", "STATE", "WCHAN", "COMM"], rows)
+    return "\n".join(
+        [
+            f"{head}; {len(result.stuck)} still present:",
+            *("  " + line for line in stuck.split("\n")),
+            "agentd keeps watching them: a process in D state dies when it leaves the kernel "
+            f"(check with: agentctl status {result.name})",
+        ]
+    )
+
+
+# -------------------------------------------------------------------- info
+def info_text(info: agentd_pb2.InfoResponse, now: datetime) -> str:
+    """The daemon's facts, one per line."""
+    degraded = "ok"
+    if info.replay_degraded_until.seconds:
+        until = info.replay_degraded_until.ToDatetime(tzinfo=now.tzinfo)
+        if until > now:
+            degraded = (
+                f"rebuilding until {fmt.format_time(until, now)}: "
+                "only stop and kill are accepted until then"
+            )
+    return _fields(
+        [
+            ("host id (audience)", info.host_id),
+            ("version", info.version),
+            ("cgroup mode", info.cgroup_mode),
+            ("kill method", info.kill_method),
+            ("max command lifetime", fmt.format_duration(info.max_command_lifetime_s)),
+            ("allowed clock skew", fmt.format_duration(info.clock_skew_s)),
+            ("replay cache", degraded),
+            ("audit log", info.audit_log),
+            ("audit records", str(info.audit_records)),
+            ("audit head", info.audit_head),
+        ]
+    )
