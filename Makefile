@@ -41,7 +41,7 @@ proto: $(STAMP) ## Regenerate the committed gRPC stubs from proto/
 	  proto/agentd/v1/agentd.proto
 
 demo: $(STAMP) ## Start a dev daemon, launch a rogue agent, kill it with a signed command
-	$(PY) -m daemon.demo
+	bash demo/demo.sh
 
 test: $(STAMP) ## Run lint, type checks and the whole test suite (needs root)
 	$(VENV)/bin/ruff check daemon agentctl tests benchmarks

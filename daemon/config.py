@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -114,7 +115,12 @@ def from_mapping(data: dict[str, Any], *, source: str) -> Config:
 def dev(directory: Path, *, user: str | None = None, **overrides: Any) -> Config:
     """The zero-setup local daemon: everything under directory."""
     d = directory.resolve()
+    # Its own cgroup subtree, named after its directory: a dev daemon sweeps
+    # leftover cgroups at start, and must never sweep a deployed daemon's
+    # ("agentd") or another dev daemon's.
+    tag = hashlib.sha256(str(d).encode()).hexdigest()[:8]
     cfg = Config(
+        cgroup_name=f"agentd-dev-{tag}",
         socket_path=d / "agentd.sock",
         state_dir=d / "state",
         trust_store=d / "trusted_keys",
