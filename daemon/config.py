@@ -45,6 +45,17 @@ class Config:
     # reporting the remaining processes as stuck (for example in D state).
     kill_verify_timeout_s: float = 5.0
 
+    # Leases (dead-man's switch) and run-time limits.
+    default_lease_s: float = 0.0  # 0: runs without --lease get no lease
+    require_lease: bool = False  # refuse runs without a lease
+    max_lease_s: float = 86400.0
+    # Emergency stop: distinct principals whose signatures a reset needs.
+    reset_signatures: int = 1
+
+    # Watchdogs. The guardian kills every agent if the enforcement loop's
+    # heartbeats stop for this long, or the daemon dies. 0 turns it off.
+    guardian_timeout_s: float = 5.0
+
     # cgroups.
     cgroup_mode: str = "auto"  # auto | v2 | hybrid
     cgroup_name: str = "agentd"
@@ -61,6 +72,10 @@ class Config:
     @property
     def log_dir(self) -> Path:
         return self.state_dir / "logs"
+
+    @property
+    def latch_path(self) -> Path:
+        return self.state_dir / "estop.latch"
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -113,19 +128,26 @@ def from_mapping(data: dict[str, Any], *, source: str) -> Config:
 
 
 def dev(directory: Path, *, user: str | None = None, **overrides: Any) -> Config:
-    """The zero-setup local daemon: everything under directory."""
+    """The zero-setup local daemon: everything under directory.
+
+    Settings may come from DIR/agentd.toml if it exists (same format as the
+    deployment config); the paths and the cgroup subtree are always the dev
+    directory's.
+    """
     d = directory.resolve()
+    base = load(d / "agentd.toml") if (d / "agentd.toml").exists() else Config()
     # Its own cgroup subtree, named after its directory: a dev daemon sweeps
     # leftover cgroups at start, and must never sweep a deployed daemon's
     # ("agentd") or another dev daemon's.
     tag = hashlib.sha256(str(d).encode()).hexdigest()[:8]
-    cfg = Config(
+    cfg = replace(
+        base,
         cgroup_name=f"agentd-dev-{tag}",
         socket_path=d / "agentd.sock",
         state_dir=d / "state",
         trust_store=d / "trusted_keys",
         audit_log=d / "audit.log",
-        default_user=user or "nobody",
+        default_user=user or base.default_user,
         dev=True,
     )
     cfg = replace(cfg, **overrides)
@@ -141,6 +163,10 @@ def check(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: cgroup_name {cfg.cgroup_name!r} is not a valid name")
     if cfg.max_command_lifetime_s <= 0:
         raise ConfigError(f"{source}: max_command_lifetime_s must be positive")
+    if cfg.reset_signatures < 1:
+        raise ConfigError(f"{source}: reset_signatures must be at least 1")
+    if cfg.default_lease_s > cfg.max_lease_s:
+        raise ConfigError(f"{source}: default_lease_s exceeds max_lease_s")
     if cfg.default_user == "root" and not cfg.allow_root_agents:
         raise ConfigError(
             f"{source}: default_user is root but allow_root_agents is false; "

@@ -31,7 +31,7 @@ def _live_facts(group: AgentCgroup) -> tuple[list[int], int]:
         return [], 0
 
 
-def agent(a: Agent) -> agentd_pb2.Agent:
+def agent(a: Agent, lease_remaining_s: float | None = None) -> agentd_pb2.Agent:
     """The Agent message: pids and memory read from cgroupfs now."""
     pids, memory = ([], 0) if a.is_ended else _live_facts(a.cgroup)
     msg = agentd_pb2.Agent(
@@ -54,7 +54,13 @@ def agent(a: Agent) -> agentd_pb2.Agent:
         stdout_log=str(a.stdout_log),
         stderr_log=str(a.stderr_log),
         started_by=a.started_by,
+        lease_ttl_ms=a.lease_ttl_ms,
+        max_runtime_ms=a.max_runtime_ms,
+        end_reason=a.end_reason if a.is_ended else "",
+        oom_kills=a.oom_kills,
     )
+    if lease_remaining_s is not None and not a.is_ended:
+        msg.lease_remaining_ms = lease_remaining_s * 1e3
     if a.exit_code is not None:
         msg.exit_code = a.exit_code
     if a.exit_signal is not None:

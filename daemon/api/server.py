@@ -9,6 +9,7 @@ from __future__ import annotations
 import grp
 import logging
 import os
+import time
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
@@ -20,6 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from daemon.api import convert
 from daemon.errors import AgentdError, InvalidArgument
+from daemon.supervisor.agent import Agent
 from daemon.supervisor.core import Supervisor
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,9 @@ class Servicer(agentd_pb2_grpc.AgentdServicer):
     def __init__(self, sup: Supervisor, info: Callable[[], agentd_pb2.InfoResponse]) -> None:
         self.sup = sup
         self._info = info
+
+    def _agent(self, a: Agent) -> agentd_pb2.Agent:
+        return convert.agent(a, self.sup.enforcer.remaining(a, "lease"))
 
     def _call(self, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
         try:
@@ -57,17 +62,17 @@ class Servicer(agentd_pb2_grpc.AgentdServicer):
         return self._call(
             context,
             lambda: agentd_pb2.ListAgentsResponse(
-                agents=[convert.agent(a) for a in self.sup.agents()]
+                agents=[self._agent(a) for a in self.sup.agents()]
             ),
         )
 
     def GetAgent(
         self, request: agentd_pb2.GetAgentRequest, context: grpc.ServicerContext
     ) -> agentd_pb2.Agent:
-        return self._call(context, lambda: convert.agent(self.sup.get(request.name)))
+        return self._call(context, lambda: self._agent(self.sup.get(request.name)))
 
     def Run(self, request: agentd_pb2.Envelope, context: grpc.ServicerContext) -> agentd_pb2.Agent:
-        return self._call(context, lambda: convert.agent(self.sup.run(request)))
+        return self._call(context, lambda: self._agent(self.sup.run(request)))
 
     def Stop(
         self, request: agentd_pb2.Envelope, context: grpc.ServicerContext
@@ -84,6 +89,46 @@ class Servicer(agentd_pb2_grpc.AgentdServicer):
         def go() -> agentd_pb2.KillResult:
             r = self.sup.kill(request)
             return convert.kill_result(r.agent, r.outcome)
+
+        return self._call(context, go)
+
+    def Renew(
+        self, request: agentd_pb2.Envelope, context: grpc.ServicerContext
+    ) -> agentd_pb2.LeaseResult:
+        def go() -> agentd_pb2.LeaseResult:
+            r = self.sup.renew(request)
+            return agentd_pb2.LeaseResult(
+                name=r.agent.name, id=r.agent.id, ttl_ms=r.ttl_ms,
+                remaining_ms=r.remaining_s * 1e3,
+                expires_at=timestamp(time.time() + r.remaining_s),
+            )
+
+        return self._call(context, go)
+
+    def Estop(
+        self, request: agentd_pb2.Envelope, context: grpc.ServicerContext
+    ) -> agentd_pb2.EstopResult:
+        def go() -> agentd_pb2.EstopResult:
+            r = self.sup.estop(request)
+            agents = [convert.kill_result(x.agent, x.outcome) for x in r.results]
+            return agentd_pb2.EstopResult(
+                agents_killed=len(agents),
+                processes_killed=sum(a.processes_killed for a in agents),
+                duration_ms=r.duration_ms,
+                all_verified_empty=all(a.verified_empty for a in agents),
+                agents=agents,
+                latched=self.sup.latch.latched,
+            )
+
+        return self._call(context, go)
+
+    def Reset(
+        self, request: agentd_pb2.Envelope, context: grpc.ServicerContext
+    ) -> agentd_pb2.ResetResult:
+        def go() -> agentd_pb2.ResetResult:
+            principals = self.sup.reset(request)
+            return agentd_pb2.ResetResult(latched=self.sup.latch.latched,
+                                          principals=list(principals))
 
         return self._call(context, go)
 

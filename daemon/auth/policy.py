@@ -10,15 +10,22 @@ from daemon.auth.truststore import Role
 ACTION_ROLES: Mapping[str, frozenset[Role]] = MappingProxyType(
     {
         "run": frozenset({Role.ADMIN, Role.OPERATOR}),
-        # Anyone who may be paged must be able to stop an agent.
-        "stop": frozenset({Role.ADMIN, Role.OPERATOR, Role.ONCALL}),
+        # Anyone who may be paged must be able to stop an agent, and to stop
+        # them all at once.
+        "stop": frozenset({Role.ADMIN, Role.OPERATOR, Role.ONCALL, Role.SUPERVISOR}),
         "kill": frozenset({Role.ADMIN, Role.OPERATOR, Role.ONCALL}),
+        "estop": frozenset({Role.ADMIN, Role.OPERATOR, Role.ONCALL}),
+        # A lease is held by humans or their control plane, never the agent.
+        "renew": frozenset({Role.ADMIN, Role.OPERATOR, Role.SUPERVISOR}),
+        # Clears the latch only (it restarts nothing); reset_signatures in the
+        # config says how many distinct principals must sign.
+        "reset": frozenset({Role.ADMIN, Role.OPERATOR}),
     }
 )
 
 # Actions that must keep working while the replay cache is degraded: a
 # replayed stop or kill can only end an agent, never start one.
-STOP_ACTIONS: frozenset[str] = frozenset({"stop", "kill"})
+STOP_ACTIONS: frozenset[str] = frozenset({"stop", "kill", "estop"})
 
 
 def roles_for(action: str) -> frozenset[Role]:

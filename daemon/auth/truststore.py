@@ -44,6 +44,8 @@ class Role(enum.StrEnum):
     ADMIN = "admin"
     OPERATOR = "operator"
     ONCALL = "oncall"
+    # For control planes: may renew leases and stop, never run.
+    SUPERVISOR = "supervisor"
 
 
 @dataclass(frozen=True)

@@ -49,12 +49,24 @@ class Agent:
     exit_signal: int | None = None
     ended_at: float | None = None
     oom_kills: int = 0
+    lease_ttl_ms: int = 0
+    max_runtime_ms: int = 0
+    # Why it ended (or is ending): exited, killed, stopped, lease_expired,
+    # max_runtime, estop, daemon_shutdown. The first reason given wins.
+    end_reason: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
     ended: threading.Event = field(default_factory=threading.Event)
 
     @property
     def is_ended(self) -> bool:
         return self.state in ENDED
+
+    def request_end(self, reason: str) -> None:
+        """Record that the daemon is ending this agent, and why (first reason wins)."""
+        with self.lock:
+            self.kill_requested = True
+            if not self.end_reason:
+                self.end_reason = reason
 
     def set_state(self, new: State) -> None:
         with self.lock:
@@ -75,6 +87,8 @@ class Agent:
         with self.lock:
             if self.state not in ENDED:
                 self.state = State.KILLED if self.kill_requested else State.EXITED
+            if not self.end_reason:
+                self.end_reason = "exited"
             if self.ended_at is None:
                 self.ended_at = time.time()
         self.ended.set()

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from agentd.v1 import agentd_pb2
 
 from daemon.audit import AuditLog
 from daemon.auth import Limits, ReplayCache, TrustStoreFile, VerifiedCommand, verify
 from daemon.errors import AgentdError
+
+T = TypeVar("T")
 
 
 class CommandGate:
@@ -33,8 +37,20 @@ class CommandGate:
         self.host_id = host_id
         self.limits = limits
 
-    def admit(self, envelope: agentd_pb2.Envelope, rpc_action: str) -> VerifiedCommand:
-        """Verify and reserve the command id. Raises AgentdError (audited)."""
+    def admit(
+        self,
+        envelope: agentd_pb2.Envelope,
+        rpc_action: str,
+        precheck: Callable[[VerifiedCommand], T] = lambda vc: None,  # type: ignore[assignment,return-value]
+    ) -> tuple[VerifiedCommand, T]:
+        """Verify, run precheck, then reserve the command id. Raises AgentdError (audited).
+
+        precheck holds the state checks that may refuse an authentic command
+        (latch, quorum, unknown agent, bad run spec). It runs before the
+        command id is reserved, so a refused command changes nothing, not
+        even the replay cache: an operator who sent a reset with too few
+        signatures can cosign and send the same command again.
+        """
         now = time.time()
         try:
             vc = verify(
@@ -45,6 +61,7 @@ class CommandGate:
                 now=now,
                 limits=self.limits,
             )
+            checked = precheck(vc)
             self.replay.check_and_reserve(
                 command_id=vc.command_id,
                 payload_sha256=vc.payload_sha256,
@@ -55,7 +72,7 @@ class CommandGate:
         except AgentdError as err:
             self.audit_rejection(envelope, rpc_action, err)
             raise
-        return vc
+        return vc, checked
 
     def audit_rejection(
         self, envelope: agentd_pb2.Envelope, rpc_action: str, err: AgentdError

@@ -25,45 +25,57 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61gentd/v1/agentd.proto\x12\tagentd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"[\n\x08\x45nvelope\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x14\n\x0cpayload_type\x18\x02 \x01(\t\x12(\n\nsignatures\x18\x03 \x03(\x0b\x32\x14.agentd.v1.Signature\"\'\n\tSignature\x12\r\n\x05keyid\x18\x01 \x01(\x0c\x12\x0b\n\x03sig\x18\x02 \x01(\x0c\"\x9b\x02\n\x07\x43ommand\x12\x12\n\ncommand_id\x18\x01 \x01(\x0c\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12-\n\tissued_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12#\n\x03run\x18\n \x01(\x0b\x32\x14.agentd.v1.RunActionH\x00\x12%\n\x04stop\x18\x0b \x01(\x0b\x32\x15.agentd.v1.StopActionH\x00\x12%\n\x04kill\x18\x0c \x01(\x0b\x32\x15.agentd.v1.KillActionH\x00\x42\x08\n\x06\x61\x63tion\"^\n\tRunAction\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\'\n\tresources\x18\x04 \x01(\x0b\x32\x14.agentd.v1.Resources\"G\n\tResources\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x04\x12\x10\n\x08pids_max\x18\x02 \x01(\r\x12\x12\n\ncpu_millis\x18\x03 \x01(\r\">\n\nStopAction\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\x08grace_ms\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_grace_ms\"\x1a\n\nKillAction\x12\x0c\n\x04name\x18\x01 \x01(\t\"\r\n\x0bInfoRequest\"\x89\x02\n\x0cInfoResponse\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x1e\n\x16max_command_lifetime_s\x18\x03 \x01(\r\x12\x14\n\x0c\x63lock_skew_s\x18\x04 \x01(\r\x12\x13\n\x0b\x63group_mode\x18\x05 \x01(\t\x12\x13\n\x0bkill_method\x18\x06 \x01(\t\x12\x39\n\x15replay_degraded_until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\naudit_head\x18\x08 \x01(\t\x12\x15\n\raudit_records\x18\t \x01(\x04\x12\x11\n\taudit_log\x18\n \x01(\t\"\x13\n\x11ListAgentsRequest\"6\n\x12ListAgentsResponse\x12 \n\x06\x61gents\x18\x01 \x03(\x0b\x32\x10.agentd.v1.Agent\"\x1f\n\x0fGetAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xcf\x03\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.agentd.v1.AgentState\x12\x0c\n\x04pids\x18\x04 \x03(\x05\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x14\n\x0c\x63group_paths\x18\x06 \x03(\t\x12\x10\n\x08main_pid\x18\x07 \x01(\x05\x12\x16\n\texit_code\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0b\x65xit_signal\x18\t \x01(\x05H\x01\x88\x01\x01\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04user\x18\x0c \x01(\t\x12\x0b\n\x03uid\x18\r \x01(\r\x12\x0c\n\x04\x61rgv\x18\x0e \x03(\t\x12\'\n\tresources\x18\x0f \x01(\x0b\x32\x14.agentd.v1.Resources\x12\x12\n\nstdout_log\x18\x10 \x01(\t\x12\x12\n\nstderr_log\x18\x11 \x01(\t\x12\x12\n\nstarted_by\x18\x12 \x01(\tB\x0c\n\n_exit_codeB\x0e\n\x0c_exit_signal\"\x81\x02\n\nKillResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x18\n\x10processes_killed\x18\x03 \x01(\r\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x01\x12\x16\n\x0everified_empty\x18\x05 \x01(\x08\x12&\n\x05stuck\x18\x06 \x03(\x0b\x32\x17.agentd.v1.StuckProcess\x12\x0e\n\x06method\x18\x07 \x01(\t\x12\x1d\n\x15terminated_by_sigterm\x18\x08 \x01(\r\x12$\n\x05state\x18\t \x01(\x0e\x32\x15.agentd.v1.AgentState\x12\x15\n\ralready_ended\x18\n \x01(\x08\"G\n\x0cStuckProcess\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05wchan\x18\x03 \x01(\t\x12\x0c\n\x04\x63omm\x18\x04 \x01(\t*\x8c\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41GENT_STATE_RUNNING\x10\x01\x12\x18\n\x14\x41GENT_STATE_STOPPING\x10\x02\x12\x16\n\x12\x41GENT_STATE_EXITED\x10\x03\x12\x16\n\x12\x41GENT_STATE_KILLED\x10\x04\x32\xdc\x02\n\x06\x41gentd\x12\x37\n\x04Info\x12\x16.agentd.v1.InfoRequest\x1a\x17.agentd.v1.InfoResponse\x12I\n\nListAgents\x12\x1c.agentd.v1.ListAgentsRequest\x1a\x1d.agentd.v1.ListAgentsResponse\x12\x38\n\x08GetAgent\x12\x1a.agentd.v1.GetAgentRequest\x1a\x10.agentd.v1.Agent\x12,\n\x03Run\x12\x13.agentd.v1.Envelope\x1a\x10.agentd.v1.Agent\x12\x32\n\x04Stop\x12\x13.agentd.v1.Envelope\x1a\x15.agentd.v1.KillResult\x12\x32\n\x04Kill\x12\x13.agentd.v1.Envelope\x1a\x15.agentd.v1.KillResultb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61gentd/v1/agentd.proto\x12\tagentd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"[\n\x08\x45nvelope\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x14\n\x0cpayload_type\x18\x02 \x01(\t\x12(\n\nsignatures\x18\x03 \x03(\x0b\x32\x14.agentd.v1.Signature\"\'\n\tSignature\x12\r\n\x05keyid\x18\x01 \x01(\x0c\x12\x0b\n\x03sig\x18\x02 \x01(\x0c\"\x96\x03\n\x07\x43ommand\x12\x12\n\ncommand_id\x18\x01 \x01(\x0c\x12\x10\n\x08\x61udience\x18\x02 \x01(\t\x12-\n\tissued_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12#\n\x03run\x18\n \x01(\x0b\x32\x14.agentd.v1.RunActionH\x00\x12%\n\x04stop\x18\x0b \x01(\x0b\x32\x15.agentd.v1.StopActionH\x00\x12%\n\x04kill\x18\x0c \x01(\x0b\x32\x15.agentd.v1.KillActionH\x00\x12\'\n\x05renew\x18\r \x01(\x0b\x32\x16.agentd.v1.RenewActionH\x00\x12\'\n\x05\x65stop\x18\x0e \x01(\x0b\x32\x16.agentd.v1.EstopActionH\x00\x12\'\n\x05reset\x18\x0f \x01(\x0b\x32\x16.agentd.v1.ResetActionH\x00\x42\x08\n\x06\x61\x63tion\"\xb2\x01\n\tRunAction\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\'\n\tresources\x18\x04 \x01(\x0b\x32\x14.agentd.v1.Resources\x12\x15\n\x08lease_ms\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x0emax_runtime_ms\x18\x06 \x01(\x04H\x01\x88\x01\x01\x42\x0b\n\t_lease_msB\x11\n\x0f_max_runtime_ms\"G\n\tResources\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x04\x12\x10\n\x08pids_max\x18\x02 \x01(\r\x12\x12\n\ncpu_millis\x18\x03 \x01(\r\">\n\nStopAction\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\x08grace_ms\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_grace_ms\"\x1a\n\nKillAction\x12\x0c\n\x04name\x18\x01 \x01(\t\"+\n\x0bRenewAction\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x02 \x01(\r\"\r\n\x0b\x45stopAction\"\r\n\x0bResetAction\"}\n\x0bLeaseResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x03 \x01(\r\x12\x14\n\x0cremaining_ms\x18\x04 \x01(\x01\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa7\x01\n\x0b\x45stopResult\x12\x15\n\ragents_killed\x18\x01 \x01(\r\x12\x18\n\x10processes_killed\x18\x02 \x01(\r\x12\x13\n\x0b\x64uration_ms\x18\x03 \x01(\x01\x12\x1a\n\x12\x61ll_verified_empty\x18\x04 \x01(\x08\x12%\n\x06\x61gents\x18\x05 \x03(\x0b\x32\x15.agentd.v1.KillResult\x12\x0f\n\x07latched\x18\x06 \x01(\x08\"2\n\x0bResetResult\x12\x0f\n\x07latched\x18\x01 \x01(\x08\x12\x12\n\nprincipals\x18\x02 \x03(\t\"\r\n\x0bInfoRequest\"\xcd\x03\n\x0cInfoResponse\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x1e\n\x16max_command_lifetime_s\x18\x03 \x01(\r\x12\x14\n\x0c\x63lock_skew_s\x18\x04 \x01(\r\x12\x13\n\x0b\x63group_mode\x18\x05 \x01(\t\x12\x13\n\x0bkill_method\x18\x06 \x01(\t\x12\x39\n\x15replay_degraded_until\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\naudit_head\x18\x08 \x01(\t\x12\x15\n\raudit_records\x18\t \x01(\x04\x12\x11\n\taudit_log\x18\n \x01(\t\x12\x15\n\restop_latched\x18\x0b \x01(\x08\x12.\n\nlatched_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0clatch_reason\x18\r \x01(\t\x12!\n\x19reset_signatures_required\x18\x0e \x01(\r\x12\x16\n\x0elease_required\x18\x0f \x01(\x08\x12\x18\n\x10\x64\x65\x66\x61ult_lease_ms\x18\x10 \x01(\r\x12\x10\n\x08guardian\x18\x11 \x01(\t\"\x13\n\x11ListAgentsRequest\"6\n\x12ListAgentsResponse\x12 \n\x06\x61gents\x18\x01 \x03(\x0b\x32\x10.agentd.v1.Agent\"\x1f\n\x0fGetAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xdc\x04\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.agentd.v1.AgentState\x12\x0c\n\x04pids\x18\x04 \x03(\x05\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x14\n\x0c\x63group_paths\x18\x06 \x03(\t\x12\x10\n\x08main_pid\x18\x07 \x01(\x05\x12\x16\n\texit_code\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0b\x65xit_signal\x18\t \x01(\x05H\x01\x88\x01\x01\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04user\x18\x0c \x01(\t\x12\x0b\n\x03uid\x18\r \x01(\r\x12\x0c\n\x04\x61rgv\x18\x0e \x03(\t\x12\'\n\tresources\x18\x0f \x01(\x0b\x32\x14.agentd.v1.Resources\x12\x12\n\nstdout_log\x18\x10 \x01(\t\x12\x12\n\nstderr_log\x18\x11 \x01(\t\x12\x12\n\nstarted_by\x18\x12 \x01(\t\x12\x1f\n\x12lease_remaining_ms\x18\x13 \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x0clease_ttl_ms\x18\x14 \x01(\r\x12\x16\n\x0emax_runtime_ms\x18\x15 \x01(\x04\x12\x12\n\nend_reason\x18\x16 \x01(\t\x12\x11\n\toom_kills\x18\x17 \x01(\rB\x0c\n\n_exit_codeB\x0e\n\x0c_exit_signalB\x15\n\x13_lease_remaining_ms\"\x81\x02\n\nKillResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x18\n\x10processes_killed\x18\x03 \x01(\r\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x01\x12\x16\n\x0everified_empty\x18\x05 \x01(\x08\x12&\n\x05stuck\x18\x06 \x03(\x0b\x32\x17.agentd.v1.StuckProcess\x12\x0e\n\x06method\x18\x07 \x01(\t\x12\x1d\n\x15terminated_by_sigterm\x18\x08 \x01(\r\x12$\n\x05state\x18\t \x01(\x0e\x32\x15.agentd.v1.AgentState\x12\x15\n\ralready_ended\x18\n \x01(\x08\"G\n\x0cStuckProcess\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05wchan\x18\x03 \x01(\t\x12\x0c\n\x04\x63omm\x18\x04 \x01(\t*\x8c\x01\n\nAgentState\x12\x1b\n\x17\x41GENT_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41GENT_STATE_RUNNING\x10\x01\x12\x18\n\x14\x41GENT_STATE_STOPPING\x10\x02\x12\x16\n\x12\x41GENT_STATE_EXITED\x10\x03\x12\x16\n\x12\x41GENT_STATE_KILLED\x10\x04\x32\xfe\x03\n\x06\x41gentd\x12\x37\n\x04Info\x12\x16.agentd.v1.InfoRequest\x1a\x17.agentd.v1.InfoResponse\x12I\n\nListAgents\x12\x1c.agentd.v1.ListAgentsRequest\x1a\x1d.agentd.v1.ListAgentsResponse\x12\x38\n\x08GetAgent\x12\x1a.agentd.v1.GetAgentRequest\x1a\x10.agentd.v1.Agent\x12,\n\x03Run\x12\x13.agentd.v1.Envelope\x1a\x10.agentd.v1.Agent\x12\x32\n\x04Stop\x12\x13.agentd.v1.Envelope\x1a\x15.agentd.v1.KillResult\x12\x32\n\x04Kill\x12\x13.agentd.v1.Envelope\x1a\x15.agentd.v1.KillResult\x12\x34\n\x05Renew\x12\x13.agentd.v1.Envelope\x1a\x16.agentd.v1.LeaseResult\x12\x34\n\x05\x45stop\x12\x13.agentd.v1.Envelope\x1a\x16.agentd.v1.EstopResult\x12\x34\n\x05Reset\x12\x13.agentd.v1.Envelope\x1a\x16.agentd.v1.ResetResultb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentd.v1.agentd_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGENTSTATE']._serialized_start=1944
-  _globals['_AGENTSTATE']._serialized_end=2084
+  _globals['_AGENTSTATE']._serialized_start=2913
+  _globals['_AGENTSTATE']._serialized_end=3053
   _globals['_ENVELOPE']._serialized_start=70
   _globals['_ENVELOPE']._serialized_end=161
   _globals['_SIGNATURE']._serialized_start=163
   _globals['_SIGNATURE']._serialized_end=202
   _globals['_COMMAND']._serialized_start=205
-  _globals['_COMMAND']._serialized_end=488
-  _globals['_RUNACTION']._serialized_start=490
-  _globals['_RUNACTION']._serialized_end=584
-  _globals['_RESOURCES']._serialized_start=586
-  _globals['_RESOURCES']._serialized_end=657
-  _globals['_STOPACTION']._serialized_start=659
-  _globals['_STOPACTION']._serialized_end=721
-  _globals['_KILLACTION']._serialized_start=723
-  _globals['_KILLACTION']._serialized_end=749
-  _globals['_INFOREQUEST']._serialized_start=751
-  _globals['_INFOREQUEST']._serialized_end=764
-  _globals['_INFORESPONSE']._serialized_start=767
-  _globals['_INFORESPONSE']._serialized_end=1032
-  _globals['_LISTAGENTSREQUEST']._serialized_start=1034
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1053
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1055
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1109
-  _globals['_GETAGENTREQUEST']._serialized_start=1111
-  _globals['_GETAGENTREQUEST']._serialized_end=1142
-  _globals['_AGENT']._serialized_start=1145
-  _globals['_AGENT']._serialized_end=1608
-  _globals['_KILLRESULT']._serialized_start=1611
-  _globals['_KILLRESULT']._serialized_end=1868
-  _globals['_STUCKPROCESS']._serialized_start=1870
-  _globals['_STUCKPROCESS']._serialized_end=1941
-  _globals['_AGENTD']._serialized_start=2087
-  _globals['_AGENTD']._serialized_end=2435
+  _globals['_COMMAND']._serialized_end=611
+  _globals['_RUNACTION']._serialized_start=614
+  _globals['_RUNACTION']._serialized_end=792
+  _globals['_RESOURCES']._serialized_start=794
+  _globals['_RESOURCES']._serialized_end=865
+  _globals['_STOPACTION']._serialized_start=867
+  _globals['_STOPACTION']._serialized_end=929
+  _globals['_KILLACTION']._serialized_start=931
+  _globals['_KILLACTION']._serialized_end=957
+  _globals['_RENEWACTION']._serialized_start=959
+  _globals['_RENEWACTION']._serialized_end=1002
+  _globals['_ESTOPACTION']._serialized_start=1004
+  _globals['_ESTOPACTION']._serialized_end=1017
+  _globals['_RESETACTION']._serialized_start=1019
+  _globals['_RESETACTION']._serialized_end=1032
+  _globals['_LEASERESULT']._serialized_start=1034
+  _globals['_LEASERESULT']._serialized_end=1159
+  _globals['_ESTOPRESULT']._serialized_start=1162
+  _globals['_ESTOPRESULT']._serialized_end=1329
+  _globals['_RESETRESULT']._serialized_start=1331
+  _globals['_RESETRESULT']._serialized_end=1381
+  _globals['_INFOREQUEST']._serialized_start=1383
+  _globals['_INFOREQUEST']._serialized_end=1396
+  _globals['_INFORESPONSE']._serialized_start=1399
+  _globals['_INFORESPONSE']._serialized_end=1860
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1862
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1881
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1883
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1937
+  _globals['_GETAGENTREQUEST']._serialized_start=1939
+  _globals['_GETAGENTREQUEST']._serialized_end=1970
+  _globals['_AGENT']._serialized_start=1973
+  _globals['_AGENT']._serialized_end=2577
+  _globals['_KILLRESULT']._serialized_start=2580
+  _globals['_KILLRESULT']._serialized_end=2837
+  _globals['_STUCKPROCESS']._serialized_start=2839
+  _globals['_STUCKPROCESS']._serialized_end=2910
+  _globals['_AGENTD']._serialized_start=3056
+  _globals['_AGENTD']._serialized_end=3566
 # @@protoc_insertion_point(module_scope)

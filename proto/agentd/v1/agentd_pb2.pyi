@@ -125,6 +125,9 @@ class Command(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     KILL_FIELD_NUMBER: _builtins.int
+    RENEW_FIELD_NUMBER: _builtins.int
+    ESTOP_FIELD_NUMBER: _builtins.int
+    RESET_FIELD_NUMBER: _builtins.int
     command_id: _builtins.bytes
     """16 random bytes, never reused"""
     audience: _builtins.str
@@ -141,6 +144,12 @@ class Command(_message.Message):
     def stop(self) -> Global___StopAction: ...
     @_builtins.property
     def kill(self) -> Global___KillAction: ...
+    @_builtins.property
+    def renew(self) -> Global___RenewAction: ...
+    @_builtins.property
+    def estop(self) -> Global___EstopAction: ...
+    @_builtins.property
+    def reset(self) -> Global___ResetAction: ...
     def __init__(
         self,
         *,
@@ -152,12 +161,15 @@ class Command(_message.Message):
         run: Global___RunAction | None = ...,
         stop: Global___StopAction | None = ...,
         kill: Global___KillAction | None = ...,
+        renew: Global___RenewAction | None = ...,
+        estop: Global___EstopAction | None = ...,
+        reset: Global___ResetAction | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "expires_at", b"expires_at", "issued_at", b"issued_at", "kill", b"kill", "run", b"run", "stop", b"stop"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "estop", b"estop", "expires_at", b"expires_at", "issued_at", b"issued_at", "kill", b"kill", "renew", b"renew", "reset", b"reset", "run", b"run", "stop", b"stop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "audience", b"audience", "command_id", b"command_id", "expires_at", b"expires_at", "issued_at", b"issued_at", "kill", b"kill", "reason", b"reason", "run", b"run", "stop", b"stop"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "audience", b"audience", "command_id", b"command_id", "estop", b"estop", "expires_at", b"expires_at", "issued_at", b"issued_at", "kill", b"kill", "reason", b"reason", "renew", b"renew", "reset", b"reset", "run", b"run", "stop", b"stop"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["run", "stop", "kill"]  # noqa: Y015
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["run", "stop", "kill", "renew", "estop", "reset"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
 
@@ -171,9 +183,18 @@ class RunAction(_message.Message):
     ARGV_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     RESOURCES_FIELD_NUMBER: _builtins.int
+    LEASE_MS_FIELD_NUMBER: _builtins.int
+    MAX_RUNTIME_MS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     user: _builtins.str
     """empty: the daemon's default agent user"""
+    lease_ms: _builtins.int
+    """Dead-man's switch: the agent is hard-killed unless a signed renew comes
+    within this time. Unset: the daemon's default (which may be none, or
+    may be required).
+    """
+    max_runtime_ms: _builtins.int
+    """Stopped when reached, whatever the lease. Unset or 0: no limit."""
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """argv[0] is looked up on the agent's PATH"""
@@ -187,12 +208,21 @@ class RunAction(_message.Message):
         argv: _abc.Iterable[_builtins.str] | None = ...,
         user: _builtins.str = ...,
         resources: Global___Resources | None = ...,
+        lease_ms: _builtins.int | None = ...,
+        max_runtime_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_lease_ms", b"_lease_ms", "_max_runtime_ms", b"_max_runtime_ms", "lease_ms", b"lease_ms", "max_runtime_ms", b"max_runtime_ms", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "name", b"name", "resources", b"resources", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lease_ms", b"_lease_ms", "_max_runtime_ms", b"_max_runtime_ms", "argv", b"argv", "lease_ms", b"lease_ms", "max_runtime_ms", b"max_runtime_ms", "name", b"name", "resources", b"resources", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__lease_ms: _TypeAlias = _typing.Literal["lease_ms"]  # noqa: Y015
+    _WhichOneofArgType__lease_ms: _TypeAlias = _typing.Literal["_lease_ms", b"_lease_ms"]  # noqa: Y015
+    _WhichOneofReturnType__max_runtime_ms: _TypeAlias = _typing.Literal["max_runtime_ms"]  # noqa: Y015
+    _WhichOneofArgType__max_runtime_ms: _TypeAlias = _typing.Literal["_max_runtime_ms", b"_max_runtime_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lease_ms) -> _WhichOneofReturnType__lease_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_runtime_ms) -> _WhichOneofReturnType__max_runtime_ms | None: ...
 
 Global___RunAction: _TypeAlias = RunAction  # noqa: Y015
 
@@ -271,6 +301,156 @@ class KillAction(_message.Message):
 Global___KillAction: _TypeAlias = KillAction  # noqa: Y015
 
 @_typing.final
+class RenewAction(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TTL_MS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    ttl_ms: _builtins.int
+    """the new lease runs this long from acceptance"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        ttl_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewAction: _TypeAlias = RenewAction  # noqa: Y015
+
+@_typing.final
+class EstopAction(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EstopAction: _TypeAlias = EstopAction  # noqa: Y015
+
+@_typing.final
+class ResetAction(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetAction: _TypeAlias = ResetAction  # noqa: Y015
+
+@_typing.final
+class LeaseResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    TTL_MS_FIELD_NUMBER: _builtins.int
+    REMAINING_MS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    id: _builtins.str
+    ttl_ms: _builtins.int
+    remaining_ms: _builtins.float
+    """Time left on the lease when the daemon answered (monotonic clock)."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """wall-clock estimate, for humans"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        id: _builtins.str = ...,
+        ttl_ms: _builtins.int = ...,
+        remaining_ms: _builtins.float = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "id", b"id", "name", b"name", "remaining_ms", b"remaining_ms", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseResult: _TypeAlias = LeaseResult  # noqa: Y015
+
+@_typing.final
+class EstopResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENTS_KILLED_FIELD_NUMBER: _builtins.int
+    PROCESSES_KILLED_FIELD_NUMBER: _builtins.int
+    DURATION_MS_FIELD_NUMBER: _builtins.int
+    ALL_VERIFIED_EMPTY_FIELD_NUMBER: _builtins.int
+    AGENTS_FIELD_NUMBER: _builtins.int
+    LATCHED_FIELD_NUMBER: _builtins.int
+    agents_killed: _builtins.int
+    processes_killed: _builtins.int
+    duration_ms: _builtins.float
+    """acceptance to every cgroup verified empty"""
+    all_verified_empty: _builtins.bool
+    latched: _builtins.bool
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___KillResult]: ...
+    def __init__(
+        self,
+        *,
+        agents_killed: _builtins.int = ...,
+        processes_killed: _builtins.int = ...,
+        duration_ms: _builtins.float = ...,
+        all_verified_empty: _builtins.bool = ...,
+        agents: _abc.Iterable[Global___KillResult] | None = ...,
+        latched: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "agents_killed", b"agents_killed", "all_verified_empty", b"all_verified_empty", "duration_ms", b"duration_ms", "latched", b"latched", "processes_killed", b"processes_killed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EstopResult: _TypeAlias = EstopResult  # noqa: Y015
+
+@_typing.final
+class ResetResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LATCHED_FIELD_NUMBER: _builtins.int
+    PRINCIPALS_FIELD_NUMBER: _builtins.int
+    latched: _builtins.bool
+    """false after a successful reset"""
+    @_builtins.property
+    def principals(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """who signed it"""
+
+    def __init__(
+        self,
+        *,
+        latched: _builtins.bool = ...,
+        principals: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["latched", b"latched", "principals", b"principals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetResult: _TypeAlias = ResetResult  # noqa: Y015
+
+@_typing.final
 class InfoRequest(_message.Message):
     """---------------------------------------------------------------- read-only"""
 
@@ -301,6 +481,13 @@ class InfoResponse(_message.Message):
     AUDIT_HEAD_FIELD_NUMBER: _builtins.int
     AUDIT_RECORDS_FIELD_NUMBER: _builtins.int
     AUDIT_LOG_FIELD_NUMBER: _builtins.int
+    ESTOP_LATCHED_FIELD_NUMBER: _builtins.int
+    LATCHED_AT_FIELD_NUMBER: _builtins.int
+    LATCH_REASON_FIELD_NUMBER: _builtins.int
+    RESET_SIGNATURES_REQUIRED_FIELD_NUMBER: _builtins.int
+    LEASE_REQUIRED_FIELD_NUMBER: _builtins.int
+    DEFAULT_LEASE_MS_FIELD_NUMBER: _builtins.int
+    GUARDIAN_FIELD_NUMBER: _builtins.int
     host_id: _builtins.str
     """the audience commands must carry"""
     version: _builtins.str
@@ -315,12 +502,21 @@ class InfoResponse(_message.Message):
     audit_records: _builtins.int
     audit_log: _builtins.str
     """path of the audit log on this host"""
+    estop_latched: _builtins.bool
+    latch_reason: _builtins.str
+    reset_signatures_required: _builtins.int
+    lease_required: _builtins.bool
+    default_lease_ms: _builtins.int
+    guardian: _builtins.str
+    """"running (pid N)", "off", or what went wrong"""
     @_builtins.property
     def replay_degraded_until(self) -> _timestamp_pb2.Timestamp:
         """Set while the replay cache is being rebuilt after a loss: commands other
         than stop and kill are refused until then.
         """
 
+    @_builtins.property
+    def latched_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -334,10 +530,17 @@ class InfoResponse(_message.Message):
         audit_head: _builtins.str = ...,
         audit_records: _builtins.int = ...,
         audit_log: _builtins.str = ...,
+        estop_latched: _builtins.bool = ...,
+        latched_at: _timestamp_pb2.Timestamp | None = ...,
+        latch_reason: _builtins.str = ...,
+        reset_signatures_required: _builtins.int = ...,
+        lease_required: _builtins.bool = ...,
+        default_lease_ms: _builtins.int = ...,
+        guardian: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["replay_degraded_until", b"replay_degraded_until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latched_at", b"latched_at", "replay_degraded_until", b"replay_degraded_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_head", b"audit_head", "audit_log", b"audit_log", "audit_records", b"audit_records", "cgroup_mode", b"cgroup_mode", "clock_skew_s", b"clock_skew_s", "host_id", b"host_id", "kill_method", b"kill_method", "max_command_lifetime_s", b"max_command_lifetime_s", "replay_degraded_until", b"replay_degraded_until", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_head", b"audit_head", "audit_log", b"audit_log", "audit_records", b"audit_records", "cgroup_mode", b"cgroup_mode", "clock_skew_s", b"clock_skew_s", "default_lease_ms", b"default_lease_ms", "estop_latched", b"estop_latched", "guardian", b"guardian", "host_id", b"host_id", "kill_method", b"kill_method", "latch_reason", b"latch_reason", "latched_at", b"latched_at", "lease_required", b"lease_required", "max_command_lifetime_s", b"max_command_lifetime_s", "replay_degraded_until", b"replay_degraded_until", "reset_signatures_required", b"reset_signatures_required", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -423,6 +626,11 @@ class Agent(_message.Message):
     STDOUT_LOG_FIELD_NUMBER: _builtins.int
     STDERR_LOG_FIELD_NUMBER: _builtins.int
     STARTED_BY_FIELD_NUMBER: _builtins.int
+    LEASE_REMAINING_MS_FIELD_NUMBER: _builtins.int
+    LEASE_TTL_MS_FIELD_NUMBER: _builtins.int
+    MAX_RUNTIME_MS_FIELD_NUMBER: _builtins.int
+    END_REASON_FIELD_NUMBER: _builtins.int
+    OOM_KILLS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     id: _builtins.str
     """unique per launch"""
@@ -438,6 +646,15 @@ class Agent(_message.Message):
     stderr_log: _builtins.str
     started_by: _builtins.str
     """principal that signed the run"""
+    lease_remaining_ms: _builtins.float
+    """Lease: time left (monotonic) and its length. Unset: no lease."""
+    lease_ttl_ms: _builtins.int
+    max_runtime_ms: _builtins.int
+    end_reason: _builtins.str
+    """Why it ended: "exited", "killed", "stopped", "lease_expired",
+    "max_runtime", "estop", "guardian", "daemon_shutdown".
+    """
+    oom_kills: _builtins.int
     @_builtins.property
     def pids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """cgroup.procs of the agent's cgroup"""
@@ -477,19 +694,28 @@ class Agent(_message.Message):
         stdout_log: _builtins.str = ...,
         stderr_log: _builtins.str = ...,
         started_by: _builtins.str = ...,
+        lease_remaining_ms: _builtins.float | None = ...,
+        lease_ttl_ms: _builtins.int = ...,
+        max_runtime_ms: _builtins.int = ...,
+        end_reason: _builtins.str = ...,
+        oom_kills: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_exit_signal", b"_exit_signal", "ended_at", b"ended_at", "exit_code", b"exit_code", "exit_signal", b"exit_signal", "resources", b"resources", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_exit_signal", b"_exit_signal", "_lease_remaining_ms", b"_lease_remaining_ms", "ended_at", b"ended_at", "exit_code", b"exit_code", "exit_signal", b"exit_signal", "lease_remaining_ms", b"lease_remaining_ms", "resources", b"resources", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_exit_signal", b"_exit_signal", "argv", b"argv", "cgroup_paths", b"cgroup_paths", "ended_at", b"ended_at", "exit_code", b"exit_code", "exit_signal", b"exit_signal", "id", b"id", "main_pid", b"main_pid", "memory_bytes", b"memory_bytes", "name", b"name", "pids", b"pids", "resources", b"resources", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "stderr_log", b"stderr_log", "stdout_log", b"stdout_log", "uid", b"uid", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_exit_signal", b"_exit_signal", "_lease_remaining_ms", b"_lease_remaining_ms", "argv", b"argv", "cgroup_paths", b"cgroup_paths", "end_reason", b"end_reason", "ended_at", b"ended_at", "exit_code", b"exit_code", "exit_signal", b"exit_signal", "id", b"id", "lease_remaining_ms", b"lease_remaining_ms", "lease_ttl_ms", b"lease_ttl_ms", "main_pid", b"main_pid", "max_runtime_ms", b"max_runtime_ms", "memory_bytes", b"memory_bytes", "name", b"name", "oom_kills", b"oom_kills", "pids", b"pids", "resources", b"resources", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "stderr_log", b"stderr_log", "stdout_log", b"stdout_log", "uid", b"uid", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
     _WhichOneofReturnType__exit_signal: _TypeAlias = _typing.Literal["exit_signal"]  # noqa: Y015
     _WhichOneofArgType__exit_signal: _TypeAlias = _typing.Literal["_exit_signal", b"_exit_signal"]  # noqa: Y015
+    _WhichOneofReturnType__lease_remaining_ms: _TypeAlias = _typing.Literal["lease_remaining_ms"]  # noqa: Y015
+    _WhichOneofArgType__lease_remaining_ms: _TypeAlias = _typing.Literal["_lease_remaining_ms", b"_lease_remaining_ms"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__exit_code) -> _WhichOneofReturnType__exit_code | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__exit_signal) -> _WhichOneofReturnType__exit_signal | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lease_remaining_ms) -> _WhichOneofReturnType__lease_remaining_ms | None: ...
 
 Global___Agent: _TypeAlias = Agent  # noqa: Y015
 

@@ -64,6 +64,21 @@ class AgentdStub:
                 request_serializer=agentd_dot_v1_dot_agentd__pb2.Envelope.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_agentd__pb2.KillResult.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/agentd.v1.Agentd/Renew',
+                request_serializer=agentd_dot_v1_dot_agentd__pb2.Envelope.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agentd__pb2.LeaseResult.FromString,
+                _registered_method=True)
+        self.Estop = channel.unary_unary(
+                '/agentd.v1.Agentd/Estop',
+                request_serializer=agentd_dot_v1_dot_agentd__pb2.Envelope.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agentd__pb2.EstopResult.FromString,
+                _registered_method=True)
+        self.Reset = channel.unary_unary(
+                '/agentd.v1.Agentd/Reset',
+                request_serializer=agentd_dot_v1_dot_agentd__pb2.Envelope.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agentd__pb2.ResetResult.FromString,
+                _registered_method=True)
 
 
 class AgentdServicer:
@@ -112,6 +127,29 @@ class AgentdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renew(self, request, context):
+        """Signed. Extends an agent's lease (dead-man's switch). Only a signed renew
+        does: the agent never holds a key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Estop(self, request, context):
+        """Signed. Kills every agent on the host at once, then latches: every run is
+        refused until a Reset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reset(self, request, context):
+        """Signed by M distinct principals (config). Clears the latch; restarts nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +182,21 @@ def add_AgentdServicer_to_server(servicer, server):
                     servicer.Kill,
                     request_deserializer=agentd_dot_v1_dot_agentd__pb2.Envelope.FromString,
                     response_serializer=agentd_dot_v1_dot_agentd__pb2.KillResult.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=agentd_dot_v1_dot_agentd__pb2.Envelope.FromString,
+                    response_serializer=agentd_dot_v1_dot_agentd__pb2.LeaseResult.SerializeToString,
+            ),
+            'Estop': grpc.unary_unary_rpc_method_handler(
+                    servicer.Estop,
+                    request_deserializer=agentd_dot_v1_dot_agentd__pb2.Envelope.FromString,
+                    response_serializer=agentd_dot_v1_dot_agentd__pb2.EstopResult.SerializeToString,
+            ),
+            'Reset': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reset,
+                    request_deserializer=agentd_dot_v1_dot_agentd__pb2.Envelope.FromString,
+                    response_serializer=agentd_dot_v1_dot_agentd__pb2.ResetResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +361,87 @@ class Agentd:
             '/agentd.v1.Agentd/Kill',
             agentd_dot_v1_dot_agentd__pb2.Envelope.SerializeToString,
             agentd_dot_v1_dot_agentd__pb2.KillResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/Renew',
+            agentd_dot_v1_dot_agentd__pb2.Envelope.SerializeToString,
+            agentd_dot_v1_dot_agentd__pb2.LeaseResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Estop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/Estop',
+            agentd_dot_v1_dot_agentd__pb2.Envelope.SerializeToString,
+            agentd_dot_v1_dot_agentd__pb2.EstopResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/Reset',
+            agentd_dot_v1_dot_agentd__pb2.Envelope.SerializeToString,
+            agentd_dot_v1_dot_agentd__pb2.ResetResult.FromString,
             options,
             channel_credentials,
             insecure,

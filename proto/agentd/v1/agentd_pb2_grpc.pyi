@@ -56,6 +56,16 @@ class AgentdStub:
     """Signed. cgroup.kill at once. Answers once the kernel reports the cgroup
     empty.
     """
+    Renew: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.Envelope, _agentd_pb2.LeaseResult]
+    """Signed. Extends an agent's lease (dead-man's switch). Only a signed renew
+    does: the agent never holds a key.
+    """
+    Estop: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.Envelope, _agentd_pb2.EstopResult]
+    """Signed. Kills every agent on the host at once, then latches: every run is
+    refused until a Reset.
+    """
+    Reset: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.Envelope, _agentd_pb2.ResetResult]
+    """Signed by M distinct principals (config). Clears the latch; restarts nothing."""
 
 @_typing.type_check_only
 class AgentdAsyncStub(AgentdStub):
@@ -76,6 +86,16 @@ class AgentdAsyncStub(AgentdStub):
     """Signed. cgroup.kill at once. Answers once the kernel reports the cgroup
     empty.
     """
+    Renew: _aio.UnaryUnaryMultiCallable[_agentd_pb2.Envelope, _agentd_pb2.LeaseResult]  # type: ignore[assignment]
+    """Signed. Extends an agent's lease (dead-man's switch). Only a signed renew
+    does: the agent never holds a key.
+    """
+    Estop: _aio.UnaryUnaryMultiCallable[_agentd_pb2.Envelope, _agentd_pb2.EstopResult]  # type: ignore[assignment]
+    """Signed. Kills every agent on the host at once, then latches: every run is
+    refused until a Reset.
+    """
+    Reset: _aio.UnaryUnaryMultiCallable[_agentd_pb2.Envelope, _agentd_pb2.ResetResult]  # type: ignore[assignment]
+    """Signed by M distinct principals (config). Clears the latch; restarts nothing."""
 
 class AgentdServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -129,5 +149,33 @@ class AgentdServicer(metaclass=_abc_1.ABCMeta):
         """Signed. cgroup.kill at once. Answers once the kernel reports the cgroup
         empty.
         """
+
+    @_abc_1.abstractmethod
+    def Renew(
+        self,
+        request: _agentd_pb2.Envelope,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.LeaseResult, _abc.Awaitable[_agentd_pb2.LeaseResult]]:
+        """Signed. Extends an agent's lease (dead-man's switch). Only a signed renew
+        does: the agent never holds a key.
+        """
+
+    @_abc_1.abstractmethod
+    def Estop(
+        self,
+        request: _agentd_pb2.Envelope,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.EstopResult, _abc.Awaitable[_agentd_pb2.EstopResult]]:
+        """Signed. Kills every agent on the host at once, then latches: every run is
+        refused until a Reset.
+        """
+
+    @_abc_1.abstractmethod
+    def Reset(
+        self,
+        request: _agentd_pb2.Envelope,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.ResetResult, _abc.Awaitable[_agentd_pb2.ResetResult]]:
+        """Signed by M distinct principals (config). Clears the latch; restarts nothing."""
 
 def add_AgentdServicer_to_server(servicer: AgentdServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

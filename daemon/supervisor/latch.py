@@ -1,0 +1,97 @@
+"""The emergency-stop latch: once engaged, every run is refused until a signed reset.
+
+It survives daemon restarts and reboots: it lives in a file in the state
+directory. Engaging it is a memory write (the estop path kills first and
+persists after); clearing it removes the file durably before it counts.
+An unreadable latch file counts as engaged: fail closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.errors import FailedPrecondition
+
+
+@dataclass(frozen=True)
+class LatchState:
+    at: float
+    reason: str
+    by: str
+
+
+class Latch:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self.state: LatchState | None = None
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            self.state = LatchState(at=float(data["at"]), reason=str(data["reason"]),
+                                    by=str(data["by"]))
+        except FileNotFoundError:
+            self.state = None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            self.state = LatchState(at=time.time(), by="agentd",
+                                    reason=f"latch file {self.path} unreadable ({err})")
+
+    @property
+    def latched(self) -> bool:
+        return self.state is not None
+
+    def engage(self, reason: str, by: str) -> None:
+        """Latch in memory at once; persist() makes it durable after the kill."""
+        with self._lock:
+            if self.state is None:
+                self.state = LatchState(at=time.time(), reason=reason, by=by)
+
+    def persist(self) -> None:
+        state = self.state
+        if state is None:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"at": state.at, "reason": state.reason, "by": state.by}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, self.path)
+        _fsync_dir(self.path.parent)
+
+    def clear(self) -> LatchState | None:
+        """Remove the latch durably. Returns what was cleared."""
+        with self._lock:
+            old = self.state
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            _fsync_dir(self.path.parent)
+            self.state = None
+            return old
+
+    def refuse_run(self, needed: int) -> None:
+        """Raise FailedPrecondition if latched, saying how to reset."""
+        state = self.state
+        if state is None:
+            return
+        when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(state.at))
+        raise FailedPrecondition(
+            f"emergency stop is latched (since {when}, by {state.by}: {state.reason!r}); "
+            f"no agent may run until a reset signed by {needed} distinct principal(s): "
+            "'agentctl reset' (clears the latch only; it restarts nothing)"
+        )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
