@@ -87,6 +87,18 @@ class Client:
         """Send a signed kill; returns once the daemon verified the cgroup empty (or gave up)."""
         return self._call(self.stub.Kill, envelope, KILL_DEADLINE_S, signed=True)
 
+    def renew(self, envelope: agentd_pb2.Envelope) -> agentd_pb2.LeaseResult:
+        """Send a signed lease renewal."""
+        return self._call(self.stub.Renew, envelope, RUN_DEADLINE_S, signed=True)
+
+    def estop(self, envelope: agentd_pb2.Envelope) -> agentd_pb2.EstopResult:
+        """Send a signed emergency stop; returns once every cgroup was verified (or not)."""
+        return self._call(self.stub.Estop, envelope, KILL_DEADLINE_S, signed=True)
+
+    def reset(self, envelope: agentd_pb2.Envelope) -> agentd_pb2.ResetResult:
+        """Send a signed reset of the emergency-stop latch."""
+        return self._call(self.stub.Reset, envelope, RUN_DEADLINE_S, signed=True)
+
     # -------------------------------------------------------------- plumbing
     def _call(
         self,

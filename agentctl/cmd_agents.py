@@ -79,14 +79,21 @@ def status(settings: Settings, name: str) -> None:
 @click.option("--memory", type=SIZE, help="Memory limit: 512M, 1G, 64K or bytes.")
 @click.option("--pids", type=click.IntRange(1, _UINT32_MAX), help="Most processes at once.")
 @click.option("--cpus", type=CPUS, help="CPU limit in CPUs: 0.5, 2 or 500m.")
+@click.option("--lease", type=DURATION,
+              help="Dead-man's switch: killed unless renewed within this time "
+                   "(agentctl keepalive) [default: the daemon's].")
+@click.option("--max-runtime", type=DURATION, help="Stopped when it has run this long.")
 @signing_options
 @click.argument("argv", nargs=-1, required=True, metavar="-- CMD [ARGS]...")
 @pass_settings
 def run(
     settings: Settings, *, name: str, user: str, memory: int | None, pids: int | None,
-    cpus: int | None, argv: tuple[str, ...], sign: SignOptions,
+    cpus: int | None, lease: float | None, max_runtime: float | None, argv: tuple[str, ...],
+    sign: SignOptions,
 ) -> None:
     """Launch CMD as agent NAME in its own cgroup (signed)."""
+    if lease is not None and not 0 < round(lease * 1000) <= _UINT32_MAX:
+        raise click.BadParameter("must be between 1ms and 49 days", param_hint="'--lease'")
 
     def action(cmd: agentd_pb2.Command) -> None:
         cmd.run.name, cmd.run.user = name, user
@@ -94,8 +101,12 @@ def run(
         cmd.run.resources.memory_bytes = memory or 0
         cmd.run.resources.pids_max = pids or 0
         cmd.run.resources.cpu_millis = cpus or 0
+        if lease is not None:
+            cmd.run.lease_ms = round(lease * 1000)
+        if max_runtime is not None:
+            cmd.run.max_runtime_ms = round(max_runtime * 1000)
 
-    env = _sign(settings, sign, action)
+    env = build_envelope(settings, sign, action)
     if env is not None:
         _print_agent(settings, settings.client().run(env))
 
@@ -115,9 +126,9 @@ def stop(settings: Settings, *, name: str, grace: float | None, sign: SignOption
         if grace is not None:
             cmd.stop.grace_ms = round(grace * 1000)
 
-    env = _sign(settings, sign, action)
+    env = build_envelope(settings, sign, action)
     if env is not None:
-        _report_kill(settings, settings.client().stop(env, grace), "stop")
+        report_kill(settings, settings.client().stop(env, grace), "stop")
 
 
 @click.command()
@@ -130,9 +141,9 @@ def kill(settings: Settings, *, name: str, sign: SignOptions) -> None:
     def action(cmd: agentd_pb2.Command) -> None:
         cmd.kill.name = name
 
-    env = _sign(settings, sign, action)
+    env = build_envelope(settings, sign, action)
     if env is not None:
-        _report_kill(settings, settings.client().kill(env), "kill")
+        report_kill(settings, settings.client().kill(env), "kill")
 
 
 @click.command()
@@ -155,18 +166,24 @@ def send(settings: Settings, file: IO[str]) -> None:
         _print_agent(settings, client.run(env))
     elif action == "stop":
         grace = cmd.stop.grace_ms / 1000 if cmd.stop.HasField("grace_ms") else None
-        _report_kill(settings, client.stop(env, grace), "stop")
+        report_kill(settings, client.stop(env, grace), "stop")
     elif action == "kill":
-        _report_kill(settings, client.kill(env), "kill")
+        report_kill(settings, client.kill(env), "kill")
+    elif action == "renew":
+        report_renew(settings, client.renew(env))
+    elif action == "estop":
+        report_estop(settings, client.estop(env))
+    elif action == "reset":
+        report_reset(settings, client.reset(env))
     else:
-        raise click.BadParameter("the command has no run, stop or kill action", param_hint="FILE")
+        raise click.BadParameter("the command holds no action agentd knows", param_hint="FILE")
 
 
 COMMANDS = (info, ps, status, run, stop, kill, send)
 
 
 # ---------------------------------------------------------------- helpers
-def _sign(
+def build_envelope(
     settings: Settings, sign: SignOptions, action: Callable[[agentd_pb2.Command], None]
 ) -> agentd_pb2.Envelope | None:
     """Build and sign a command; print it and return None with --sign-only."""
@@ -202,7 +219,7 @@ def _print_agent(settings: Settings, agent: agentd_pb2.Agent) -> None:
         click.echo(render.agent_text(agent, settings.now()))
 
 
-def _report_kill(settings: Settings, result: agentd_pb2.KillResult, verb: str) -> None:
+def report_kill(settings: Settings, result: agentd_pb2.KillResult, verb: str) -> None:
     """Print a stop or kill result; raise KillIncomplete (exit 8) if processes are stuck."""
     if settings.json:
         emit_json(render.to_dict(result))
@@ -217,3 +234,32 @@ def _report_kill(settings: Settings, result: agentd_pb2.KillResult, verb: str) -
         err.result_printed = True
         raise err
 
+
+
+def report_renew(settings: Settings, result: agentd_pb2.LeaseResult) -> None:
+    if settings.json:
+        emit_json(render.to_dict(result))
+    else:
+        click.echo(f"renewed '{result.name}': lease {fmt.format_duration(result.ttl_ms / 1000)}, "
+                   f"{result.remaining_ms / 1000:.1f}s left")
+
+
+def report_estop(settings: Settings, result: agentd_pb2.EstopResult) -> None:
+    """Print an estop result; raise KillIncomplete (exit 8) if any cgroup is not empty."""
+    if settings.json:
+        emit_json(render.to_dict(result))
+    else:
+        click.echo(render.estop_text(result))
+    if not result.all_verified_empty:
+        err = KillIncomplete("emergency stop incomplete: processes still present; "
+                             "agentd keeps watching them")
+        err.result_printed = True
+        raise err
+
+
+def report_reset(settings: Settings, result: agentd_pb2.ResetResult) -> None:
+    if settings.json:
+        emit_json(render.to_dict(result))
+    else:
+        click.echo(f"emergency-stop latch cleared (signed by {', '.join(result.principals)}); "
+                   "nothing was restarted")

@@ -15,6 +15,7 @@ Exit codes (click's own: 0 success, 2 usage error):
 8   the kill finished but processes are stuck (the daemon keeps watching)
 9   INVALID_ARGUMENT: the daemon found the request malformed
 10  the audit log failed verification
+11  keepalive: a lease renewal was refused or could not be delivered in time
 130 interrupted (Ctrl-C)
 ==  =====================================================================
 """
@@ -76,6 +77,12 @@ class InvalidArgument(AgentctlError):
 
 class AuditBroken(AgentctlError):
     exit_code = 10
+
+
+class LeaseLost(AgentctlError):
+    """keepalive: a renewal was refused, or not delivered before the lease ran out."""
+
+    exit_code = 11
 
 
 class Interrupted(AgentctlError):

@@ -118,11 +118,26 @@ def agent_text(agent: agentd_pb2.Agent, now: datetime) -> str:
         ("started", _when(agent.started_at, now)),
         ("ended", _when(agent.ended_at, now)),
         ("exit", ", ".join(exit_parts) or "-"),
+        ("end reason", agent.end_reason or "-"),
+        ("lease", _lease_text(agent)),
+        ("max runtime", fmt.format_duration(agent.max_runtime_ms / 1000)
+         if agent.max_runtime_ms else "-"),
+        ("oom kills", str(agent.oom_kills)),
         ("stdout log", agent.stdout_log or "-"),
         ("stderr log", agent.stderr_log or "-"),
         ("started by", agent.started_by or "-"),
     ]
     return _fields(rows)
+
+
+def _lease_text(agent: agentd_pb2.Agent) -> str:
+    if not agent.lease_ttl_ms:
+        return "-"
+    text = f"{fmt.format_duration(agent.lease_ttl_ms / 1000)} (renew with agentctl keepalive)"
+    if agent.HasField("lease_remaining_ms"):
+        left = max(0.0, agent.lease_remaining_ms / 1000)
+        text = f"{fmt.format_duration(agent.lease_ttl_ms / 1000)}, {left:.1f}s left"
+    return text
 
 
 def agents_table(agents: list[agentd_pb2.Agent], now: datetime) -> str:
@@ -207,8 +222,37 @@ def info_text(info: agentd_pb2.InfoResponse, now: datetime) -> str:
             ("max command lifetime", fmt.format_duration(info.max_command_lifetime_s)),
             ("allowed clock skew", fmt.format_duration(info.clock_skew_s)),
             ("replay cache", degraded),
+            ("emergency stop", _latch_text(info, now)),
+            ("reset needs", f"{info.reset_signatures_required} distinct principal(s)"),
+            ("leases", ("required" if info.lease_required else "optional")
+             + (f", default {fmt.format_duration(info.default_lease_ms / 1000)}"
+                if info.default_lease_ms else "")),
+            ("guardian", info.guardian or "-"),
             ("audit log", info.audit_log),
             ("audit records", str(info.audit_records)),
             ("audit head", info.audit_head),
         ]
     )
+
+
+def _latch_text(info: agentd_pb2.InfoResponse, now: datetime) -> str:
+    if not info.estop_latched:
+        return "not latched"
+    since = fmt.format_time(info.latched_at.ToDatetime(tzinfo=now.tzinfo), now)
+    return f"LATCHED since {since}: {info.latch_reason}; runs refused until 'agentctl reset'"
+
+
+# ------------------------------------------------------------------ estop
+def estop_text(result: agentd_pb2.EstopResult) -> str:
+    """What an emergency stop did, one line, then any agent not verified empty."""
+    head = (f"EMERGENCY STOP: killed {result.agents_killed} agent(s), "
+            f"{result.processes_killed} process(es)")
+    if result.all_verified_empty:
+        head += f", every cgroup verified empty in {fmt.format_ms(result.duration_ms)}"
+    else:
+        head += ", but some cgroups are NOT empty"
+    lines = [head, "latched: every run is refused until 'agentctl reset'"]
+    for a in result.agents:
+        if not a.verified_empty:
+            lines.append(kill_text(a, "kill"))
+    return "\n".join(lines)

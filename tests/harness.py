@@ -46,12 +46,18 @@ class Keys:
     admin: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     operator: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     oncall: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+    supervisor: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+    # A second admin principal, for resets that need two distinct signers.
+    admin2: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     stranger: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+
+    ROLES = {"admin": "admin", "operator": "operator", "oncall": "oncall",
+             "supervisor": "supervisor", "admin2": "admin"}
 
     def trust_store(self) -> str:
         return "".join(
-            f"{name} {name} {signing.public_key_line(getattr(self, name), name + '@test')}\n"
-            for name in ("admin", "operator", "oncall")
+            f"{name} {role} {signing.public_key_line(getattr(self, name), name + '@test')}\n"
+            for name, role in self.ROLES.items()
         )
 
 
@@ -59,7 +65,7 @@ class Daemon:
     """One agentd --dev process with its own directory and cgroup subtree."""
 
     def __init__(self, root: Path, *, mode: str = "auto", extra: list[str] | None = None,
-                 keys: Keys | None = None) -> None:
+                 keys: Keys | None = None, config: str = "") -> None:
         self.dir = root
         self.mode = mode
         self.extra = extra or []
@@ -70,6 +76,7 @@ class Daemon:
         self.stub: agentd_pb2_grpc.AgentdStub
         self.host_id = ""
         self.stderr_path = root.parent / (root.name + ".stderr")
+        self.config = config
 
     @property
     def socket(self) -> Path:
@@ -81,6 +88,8 @@ class Daemon:
 
     def start(self, timeout: float = 20.0) -> Daemon:
         self.dir.mkdir(mode=0o750, exist_ok=True)
+        if self.config:
+            (self.dir / "agentd.toml").write_text(self.config)
         ts = self.dir / "trusted_keys"
         if not ts.exists():
             ts.write_text(self.keys.trust_store())
@@ -151,9 +160,14 @@ class Daemon:
         return signing.sign_command(cmd, key or self.keys.admin)
 
     def run(self, name: str, argv: list[str], *, pids: int = 0, memory: int = 0,
-            cpu_millis: int = 0, user: str = "", key: Ed25519PrivateKey | None = None
+            cpu_millis: int = 0, user: str = "", key: Ed25519PrivateKey | None = None,
+            lease_ms: int | None = None, max_runtime_ms: int | None = None,
             ) -> agentd_pb2.Agent:
         cmd = self.command()
+        if lease_ms is not None:
+            cmd.run.lease_ms = lease_ms
+        if max_runtime_ms is not None:
+            cmd.run.max_runtime_ms = max_runtime_ms
         cmd.run.name = name
         cmd.run.argv.extend(argv)
         cmd.run.user = user
@@ -180,6 +194,13 @@ class Daemon:
         result: agentd_pb2.KillResult = self.stub.Stop(self.sign(cmd, key or self.keys.oncall),
                                                        timeout=60)
         return result
+
+    def signed(self, fill: object, key: Ed25519PrivateKey | None = None,
+               **kw: object) -> agentd_pb2.Envelope:
+        """A fresh command, filled in by fill(cmd), signed with key (default: admin)."""
+        cmd = self.command(**kw)  # type: ignore[arg-type]
+        fill(cmd)  # type: ignore[operator]
+        return self.sign(cmd, key or self.keys.admin)
 
     def get(self, name: str) -> agentd_pb2.Agent:
         result: agentd_pb2.Agent = self.stub.GetAgent(agentd_pb2.GetAgentRequest(name=name),

@@ -35,9 +35,14 @@ def test_sigterm_to_the_daemon_kills_every_agent(fresh_daemon: Daemon, hostile: 
 
 def test_leftovers_of_a_dead_daemon_are_killed_at_start(fresh_daemon: Daemon,
                                                         hostile: Path) -> None:
-    """kill -9 of the daemon leaves agents running (the guardian of a later issue covers that
-    window); the next start kills them, audits it, and never re-adopts them."""
+    """With the guardian off, kill -9 of the daemon leaves agents running; the next start
+    kills them, audits it, and never re-adopts them."""
     d = fresh_daemon
+    # The guardian would kill the agents as soon as the daemon dies; this test
+    # is about the second line of defence, the sweep at start-up.
+    d.stop()
+    d.extra.extend(["--guardian-timeout", "0"])
+    d.start()
     agent = d.run("orphan", [AGENT_PYTHON, str(hostile / "daemonize.py")])
     assert _ready(agent)
     members = pids_in(agent.cgroup_paths[0])

@@ -890,23 +890,27 @@ def test_ps_and_status(fake: tuple[FakeAgentd, Path]) -> None:
         "rogue  running  2     12M  3m12s   agent  a-1\n"
     )
     assert status.stdout == (
-        "name:       rogue\n"
-        "id:         a-1\n"
-        "state:      running\n"
-        "main pid:   4242\n"
-        "pids:       2: 4242 4243\n"
-        "memory:     12M\n"
-        "cgroups:    /sys/fs/cgroup/agentd/rogue\n"
-        "            /sys/fs/cgroup/unified/agentd/rogue\n"
-        "user:       agent (uid 999)\n"
-        "command:    python3 -c 'x y'\n"
-        "limits:     memory 512M, pids 256, cpus 0.5\n"
-        "started:    2025-06-15 15:03:28Z (3m12s ago)\n"
-        "ended:      -\n"
-        "exit:       -\n"
-        "stdout log: /var/log/agentd/rogue.out\n"
-        "stderr log: /var/log/agentd/rogue.err\n"
-        "started by: alice\n"
+        "name:        rogue\n"
+        "id:          a-1\n"
+        "state:       running\n"
+        "main pid:    4242\n"
+        "pids:        2: 4242 4243\n"
+        "memory:      12M\n"
+        "cgroups:     /sys/fs/cgroup/agentd/rogue\n"
+        "             /sys/fs/cgroup/unified/agentd/rogue\n"
+        "user:        agent (uid 999)\n"
+        "command:     python3 -c 'x y'\n"
+        "limits:      memory 512M, pids 256, cpus 0.5\n"
+        "started:     2025-06-15 15:03:28Z (3m12s ago)\n"
+        "ended:       -\n"
+        "exit:        -\n"
+        "end reason:  -\n"
+        "lease:       -\n"
+        "max runtime: -\n"
+        "oom kills:   0\n"
+        "stdout log:  /var/log/agentd/rogue.out\n"
+        "stderr log:  /var/log/agentd/rogue.err\n"
+        "started by:  alice\n"
     )
     assert missing.exit_code == 5
     assert missing.stderr == "agentctl: error: NOT_FOUND: no agent named 'nobody'\n"
@@ -979,6 +983,10 @@ def test_info_text(fake: tuple[FakeAgentd, Path]) -> None:
         "allowed clock skew:   30s\n"
         "replay cache:         rebuilding until 2025-06-15 15:08:40Z (in 2m00s): "
         "only stop and kill are accepted until then\n"
+        "emergency stop:       not latched\n"
+        "reset needs:          0 distinct principal(s)\n"
+        "leases:               optional\n"
+        "guardian:             -\n"
         "audit log:            -\n"
         "audit records:        0\n"
         "audit head:           -\n"
@@ -1020,7 +1028,7 @@ def test_click_exceptions_are_agentctl_errors() -> None:
     assert codes == {
         "AgentctlError": 1, "Unauthenticated": 3, "PermissionDenied": 4, "NotFound": 5,
         "Refused": 6, "DaemonUnreachable": 7, "KillIncomplete": 8, "InvalidArgument": 9,
-        "AuditBroken": 10, "Interrupted": 130,
+        "AuditBroken": 10, "LeaseLost": 11, "Interrupted": 130,
     }
 
 

@@ -1,0 +1,244 @@
+"""Fail closed: leases, run-time limits, the emergency stop and its latch, reset quorum."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agentd import signing
+from agentd.v1 import agentd_pb2
+from tests.harness import AGENT_PYTHON, Daemon, alive, pids_in, wait_for
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def quorum_daemon() -> Iterator[Daemon]:
+    """A daemon that needs two distinct principals to reset, and leases on every run."""
+    from tests.conftest import ROOT_REASON
+
+    if ROOT_REASON:
+        pytest.skip(ROOT_REASON)
+    root = Path(tempfile.mkdtemp(prefix="agentd-t-"))
+    d = Daemon(root / "dev", config="reset_signatures = 2\nrequire_lease = true\n").start()
+    yield d
+    d.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _ready(agent: agentd_pb2.Agent) -> bool:
+    return wait_for(lambda: "ready" in Path(agent.stdout_log).read_text(), 15)
+
+
+def _events(d: Daemon, event: str) -> list[dict[str, object]]:
+    return [r for r in d.audit_records() if r["event"] == event]
+
+
+def _renew(d: Daemon, name: str, ttl_ms: int, key: object = None) -> agentd_pb2.LeaseResult:
+    def fill(c: agentd_pb2.Command) -> None:
+        c.renew.name = name
+        c.renew.ttl_ms = ttl_ms
+
+    result: agentd_pb2.LeaseResult = d.stub.Renew(
+        d.signed(fill, key or d.keys.supervisor), timeout=10)  # type: ignore[arg-type]
+    return result
+
+
+# ------------------------------------------------------------------ leases
+def test_unrenewed_lease_hard_kills_the_whole_tree(daemon: Daemon, hostile: Path) -> None:
+    agent = daemon.run(f"leased-{daemon.mode}", [AGENT_PYTHON, str(hostile / "daemonize.py")],
+                       lease_ms=800)
+    assert _ready(agent)
+    members = pids_in(agent.cgroup_paths[0])
+    assert len(members) == 2
+    status = daemon.get(agent.name)
+    assert status.lease_ttl_ms == 800 and 0 < status.lease_remaining_ms <= 800
+    assert wait_for(lambda: daemon.get(agent.name).state == agentd_pb2.AGENT_STATE_KILLED, 10)
+    assert [p for p in members if alive(p)] == []
+    assert daemon.get(agent.name).end_reason == "lease_expired"
+    assert wait_for(lambda: any(r["agent_id"] == agent.id
+                                for r in _events(daemon, "lease_expired")), 5)
+    record = next(r for r in _events(daemon, "lease_expired") if r["agent_id"] == agent.id)
+    assert record["verified_empty"] is True
+
+
+def test_signed_renewals_keep_an_agent_alive_until_they_stop(daemon: Daemon,
+                                                             hostile: Path) -> None:
+    name = f"kept-{daemon.mode}"
+    agent = daemon.run(name, [AGENT_PYTHON, str(hostile / "ignore_term.py")], lease_ms=700)
+    assert _ready(agent)
+    for _ in range(6):  # 6 x 250 ms: well past the first deadline
+        result = _renew(daemon, name, 700)
+        assert result.ttl_ms == 700 and result.remaining_ms > 600
+        time.sleep(0.25)
+    assert daemon.get(name).state == agentd_pb2.AGENT_STATE_RUNNING
+    # Renewals stop: the lease runs out and the agent is killed.
+    assert wait_for(lambda: daemon.get(name).state == agentd_pb2.AGENT_STATE_KILLED, 5)
+    assert not alive(agent.main_pid)
+    with pytest.raises(grpc.RpcError) as exc:
+        _renew(daemon, name, 700)
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "cannot bring it back" in (exc.value.details() or "")
+
+
+def test_who_may_renew(fresh_daemon: Daemon, hostile: Path) -> None:
+    d = fresh_daemon
+    d.run("renewable", [AGENT_PYTHON, str(hostile / "ignore_term.py")], lease_ms=30_000)
+    # oncall may stop and kill, not renew; supervisor may renew and stop, not run.
+    with pytest.raises(grpc.RpcError) as exc:
+        _renew(d, "renewable", 30_000, d.keys.oncall)
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    _renew(d, "renewable", 30_000, d.keys.supervisor)
+    _renew(d, "renewable", 30_000, d.keys.operator)
+    with pytest.raises(grpc.RpcError) as exc:
+        d.run("not-by-supervisor", ["/bin/true"], key=d.keys.supervisor)
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    result = d.stop_agent("renewable", grace_ms=100, key=d.keys.supervisor)
+    assert result.verified_empty
+
+
+def test_max_runtime_stops_the_agent(fresh_daemon: Daemon) -> None:
+    d = fresh_daemon
+    agent = d.run("bounded", ["/bin/sleep", "1000"], max_runtime_ms=500)
+    assert wait_for(lambda: d.get("bounded").state == agentd_pb2.AGENT_STATE_KILLED, 10)
+    assert not alive(agent.main_pid)
+    assert d.get("bounded").end_reason == "max_runtime"
+    assert wait_for(lambda: bool(_events(d, "max_runtime_reached")), 5)
+    assert _events(d, "max_runtime_reached")[0]["terminated_by_sigterm"] == 1
+
+
+def test_required_lease(quorum_daemon: Daemon) -> None:
+    d = quorum_daemon
+    with pytest.raises(grpc.RpcError) as exc:
+        d.run("no-lease", ["/bin/sleep", "1000"])
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "lease" in (exc.value.details() or "")
+    d.run("with-lease", ["/bin/sleep", "1000"], lease_ms=10_000)
+    d.kill("with-lease")
+
+
+# --------------------------------------------------------------- estop
+def _estop(d: Daemon, key: object = None) -> agentd_pb2.EstopResult:
+    result: agentd_pb2.EstopResult = d.stub.Estop(
+        d.signed(lambda c: c.estop.SetInParent(), key or d.keys.oncall,  # type: ignore[arg-type]
+                 reason="agent threatened staff"), timeout=60)
+    return result
+
+
+def _reset_env(d: Daemon, *keys: object) -> agentd_pb2.Envelope:
+    env = d.signed(lambda c: c.reset.SetInParent(), keys[0])  # type: ignore[arg-type]
+    for k in keys[1:]:
+        env = signing.cosign(env, k)  # type: ignore[arg-type]
+    return env
+
+
+def test_estop_kills_everything_and_latches_across_restarts(quorum_daemon: Daemon,
+                                                            hostile: Path) -> None:
+    d = quorum_daemon
+    agents = [d.run(f"fleet-{i}", [AGENT_PYTHON, str(hostile / "daemonize.py")],
+                    lease_ms=60_000) for i in range(3)]
+    assert all(_ready(a) for a in agents)
+    members = [p for a in agents for p in pids_in(a.cgroup_paths[0])]
+    result = _estop(d)
+    assert result.latched and result.all_verified_empty
+    assert result.agents_killed == 3 and result.processes_killed == 6
+    assert [p for p in members if alive(p)] == []
+    assert all(d.get(a.name).end_reason == "estop" for a in agents)
+
+    with pytest.raises(grpc.RpcError) as exc:
+        d.run("after-estop", ["/bin/sleep", "1000"], lease_ms=10_000)
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "latched" in (exc.value.details() or "")
+
+    # The latch survives a restart.
+    d.stop()
+    d.start()
+    assert d.stub.Info(agentd_pb2.InfoRequest(), timeout=5).estop_latched
+    with pytest.raises(grpc.RpcError):
+        d.run("after-restart", ["/bin/sleep", "1000"], lease_ms=10_000)
+
+    # One principal is not enough, nor is the same key twice, nor a role that may not reset.
+    for keys in ((d.keys.admin,), (d.keys.admin, d.keys.oncall)):
+        with pytest.raises(grpc.RpcError) as exc:
+            d.stub.Reset(_reset_env(d, *keys), timeout=10)
+        assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED, keys
+        assert "2 distinct principals" in (exc.value.details() or "")
+    doubled = _reset_env(d, d.keys.admin)
+    doubled.signatures.append(doubled.signatures[0])
+    with pytest.raises(grpc.RpcError) as exc:
+        d.stub.Reset(doubled, timeout=10)
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert d.stub.Info(agentd_pb2.InfoRequest(), timeout=5).estop_latched
+
+    reset = d.stub.Reset(_reset_env(d, d.keys.admin, d.keys.admin2), timeout=10)
+    assert not reset.latched and list(reset.principals) == ["admin", "admin2"]
+    # Reset restarts nothing: no agent runs, none of the old processes is back.
+    listed = d.stub.ListAgents(agentd_pb2.ListAgentsRequest(), timeout=5).agents
+    assert [a.name for a in listed if a.state == agentd_pb2.AGENT_STATE_RUNNING] == []
+    assert [p for p in members if alive(p)] == []
+    d.run("after-reset", ["/bin/sleep", "1000"], lease_ms=10_000)
+    d.kill("after-reset")
+
+
+def test_estop_with_nothing_running_still_latches(fresh_daemon: Daemon) -> None:
+    result = _estop(fresh_daemon)
+    assert result.latched and result.agents_killed == 0
+    info = fresh_daemon.stub.Info(agentd_pb2.InfoRequest(), timeout=5)
+    assert info.estop_latched and "agent threatened staff" in info.latch_reason
+
+
+# ------------------------------------------------------------------ CLI
+def _agentctl(d: Daemon, key: str, *args: str) -> subprocess.CompletedProcess[str]:
+    keyfile = d.dir.parent / f"{key}.key"
+    if not keyfile.exists():
+        from cryptography.hazmat.primitives import serialization
+
+        keyfile.write_bytes(getattr(d.keys, key).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption()))
+        keyfile.chmod(0o600)
+    return subprocess.run(
+        [sys.executable, "-m", "agentctl", "--socket", str(d.socket), "--key", str(keyfile),
+         *args], capture_output=True, text=True, timeout=60)
+
+
+def test_cli_keepalive_estop_cosign_reset(quorum_daemon: Daemon, hostile: Path) -> None:
+    d = quorum_daemon
+    d.run("held", [AGENT_PYTHON, str(hostile / "ignore_term.py")], lease_ms=1000)
+    out = _agentctl(d, "supervisor", "keepalive", "held", "--every", "300ms", "--ttl", "1s",
+                    "--count", "4")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("renewed 'held'") == 4
+    assert d.get("held").state == agentd_pb2.AGENT_STATE_RUNNING
+
+    out = _agentctl(d, "oncall", "--json", "estop", "--reason", "drill")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["agents_killed"] == 1
+    out = _agentctl(d, "supervisor", "keepalive", "held", "--every", "300ms", "--ttl", "1s")
+    assert out.returncode == 11, out.stderr
+    assert "RENEWAL REFUSED" in out.stderr
+    out = _agentctl(d, "operator", "run", "--name", "x", "--lease", "5s", "--", "/bin/true")
+    assert out.returncode == 6 and "latched" in out.stderr
+
+    env_file = d.dir.parent / "reset.env"
+    out = _agentctl(d, "admin", "reset", "--sign-only")
+    assert out.returncode == 0, out.stderr
+    env_file.write_text(out.stdout)
+    out = _agentctl(d, "admin", "send", str(env_file))
+    assert out.returncode == 4 and "2 distinct principals" in out.stderr
+    out = _agentctl(d, "admin2", "cosign", str(env_file))
+    assert out.returncode == 0 and "reset" in out.stderr, out.stderr
+    # A refused command changed nothing, not even the replay cache: the same
+    # command, now with its second signature, goes through.
+    out = _agentctl(d, "admin", "send", str(env_file))
+    assert out.returncode == 0, out.stderr
+    assert "cleared" in out.stdout
