@@ -139,6 +139,12 @@ class CgroupError(AgentdError):
         self.path = path
 
 
+class GuardianError(AgentdError):
+    """The guardian could not be started or did not arm."""
+
+    reason = "guardian_failed"
+
+
 class AuditWriteError(AgentdError):
     """An audit record could not be written or made durable. The message says which."""
 

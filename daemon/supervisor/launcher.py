@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from daemon.cgroups.tree import AgentCgroup
 from daemon.errors import LaunchFailed
+from daemon.supervisor.pipes import read_until_eof
 from daemon.users import AgentUser
 
 SHIM = Path(__file__).resolve().parent.parent / "shim.py"
@@ -32,6 +32,7 @@ def spawn(
     argv: list[str],
     user: AgentUser,
     env: dict[str, str],
+    nofile: int,
     cwd: str = "/",
 ) -> Spawned:
     """Spawn argv as user inside cgroup. Raises LaunchFailed with the shim's reason.
@@ -50,6 +51,7 @@ def spawn(
         "argv": argv,
         "env": env,
         "cwd": cwd,
+        "nofile": nofile,
     }
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -88,22 +90,10 @@ def spawn(
 
 def _read_status(fd: int) -> str | None:
     """None on EOF with no data (exec succeeded), else the shim's message."""
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + _SHIM_TIMEOUT_S
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return "the launch shim did not exec within 10 s"
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if not ready:
-            continue
-        data = os.read(fd, 4096)
-        if not data:
-            break
-        chunks.append(data)
-    if not chunks:
-        return None
-    return b"".join(chunks).decode("utf-8", "replace").strip()
+    data = read_until_eof(fd, _SHIM_TIMEOUT_S)
+    if data is None:
+        return "the launch shim did not exec within 10 s"
+    return data.decode("utf-8", "replace").strip() or None
 
 
 def proc_start_time(pid: int) -> float:
