@@ -36,6 +36,8 @@ class Config:
     default_pids_max: int = 1024
     default_memory_bytes: int = 0
     log_cap_bytes: int = 16 * 1024 * 1024
+    # Open files an agent may hold (soft and hard: it cannot raise it).
+    agent_nofile: int = 1024
     agent_path: str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
     # Stop and kill.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -25,6 +26,7 @@ from daemon.cgroups.tree import FALLBACK_METHOD, KILL_METHOD, AgentTree
 from daemon.errors import AgentdError, ConfigError
 from daemon.supervisor.core import Supervisor
 from daemon.supervisor.gate import CommandGate
+from daemon.supervisor.guardian_link import Guardian, import_reports
 
 log = logging.getLogger("agentd")
 
@@ -41,6 +43,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cgroup-name", help="name of the daemon's cgroup subtree")
     p.add_argument("--force-kill-fallback", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--kill-verify-timeout", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--guardian-timeout", type=float, metavar="SECONDS", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -54,6 +57,8 @@ def _load_config(a: argparse.Namespace) -> config.Config:
         overrides["force_kill_fallback"] = True
     if a.kill_verify_timeout is not None:
         overrides["kill_verify_timeout_s"] = a.kill_verify_timeout
+    if a.guardian_timeout is not None:
+        overrides["guardian_timeout_s"] = a.guardian_timeout
     if a.dev is not None:
         if a.config is None and a.dev.exists() and not a.dev.is_dir():
             raise ConfigError(f"{a.dev} exists and is not a directory")
@@ -83,9 +88,21 @@ def _notify(msg: str) -> None:
     sd_notify(msg)
 
 
+def _raise_nofile() -> None:
+    """Raise the soft open-files limit to the hard one.
+
+    Each agent costs the daemon about five descriptors (two output pipes, two
+    log files, a pidfd); 1024, a common default soft limit, would cap a host
+    at about 200 agents. Agents get their own limit back in the shim.
+    """
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(cfg: config.Config) -> int:
     if os.geteuid() != 0:
         raise ConfigError("agentd must run as root: it owns cgroups and drops agents' privileges")
+    _raise_nofile()
     _prepare_dirs(cfg)
     host_id, created = hostid.load_or_create(cfg.state_dir, cfg.host_id)
     audit = AuditLog.open(cfg.audit_log)
@@ -105,6 +122,14 @@ def run(cfg: config.Config) -> int:
     gate = CommandGate(trust=trust, replay=replay, audit=audit, host_id=host_id, limits=limits)
     sup = Supervisor(cfg, tree, gate, audit)
     leftovers = sup.start()
+    # Reports a guardian left when it killed agents of an earlier run.
+    imported = import_reports(cfg.state_dir, audit)
+    guardian: Guardian | None = None
+    if cfg.guardian_timeout_s > 0:
+        guardian = Guardian.start(cgroup_base=tree.base_v2, report_dir=cfg.state_dir,
+                                  timeout_s=cfg.guardian_timeout_s,
+                                  force_fallback=cfg.force_kill_fallback)
+        sup.enforcer.add_heartbeat(guardian.beat)
     kill_method = KILL_METHOD if tree.has_cgroup_kill else FALLBACK_METHOD
 
     def info() -> agentd_pb2.InfoResponse:
@@ -115,7 +140,16 @@ def run(cfg: config.Config) -> int:
             clock_skew_s=int(cfg.clock_skew_s), cgroup_mode=layout.mode.value,
             kill_method=kill_method, audit_head=head, audit_records=audit.records,
             audit_log=str(cfg.audit_log),
+            guardian=guardian.status() if guardian is not None else "off",
         )
+        latch = sup.latch.state
+        msg.estop_latched = latch is not None
+        if latch is not None:
+            msg.latched_at.CopyFrom(timestamp(latch.at))
+            msg.latch_reason = f"{latch.reason} (by {latch.by})"
+        msg.reset_signatures_required = cfg.reset_signatures
+        msg.lease_required = cfg.require_lease
+        msg.default_lease_ms = int(cfg.default_lease_s * 1000)
         if replay.degraded_until and replay.degraded_until > time.time():
             msg.replay_degraded_until.CopyFrom(timestamp(replay.degraded_until))
         return msg
@@ -124,7 +158,7 @@ def run(cfg: config.Config) -> int:
         "daemon_start", version=__version__, pid=os.getpid(), host_id=host_id,
         cgroup_mode=layout.mode.value, kill_method=kill_method,
         cgroup_base=str(tree.base_v2), leftover_agents_killed=leftovers,
-        replay_degraded_until=replay.degraded_until,
+        replay_degraded_until=replay.degraded_until, guardian_imported_reports=imported,
     )
     server = serve(sup, info, cfg.socket_path, cfg.socket_group)
     stop = threading.Event()
@@ -143,12 +177,19 @@ def run(cfg: config.Config) -> int:
     if replay.degraded_until:
         log.warning("replay cache lost or corrupt: only stop and kill are accepted for %.0f s",
                     replay.degraded_until - time.time())
-    _notify(f"READY=1\nSTATUS=serving on {cfg.socket_path}")
+    status = sup.status_line()
+    _notify(f"READY=1\nSTATUS={status}")
     while not stop.wait(timeout=1.0):
-        pass
+        # systemctl status shows this line: keep it current for the human.
+        if (now_status := sup.status_line()) != status:
+            status = now_status
+            _notify(f"STATUS={status}")
     _notify("STOPPING=1\nSTATUS=killing agents and shutting down")
     server.stop(grace=1.0).wait(2.0)
     killed = sup.shutdown()
+    if guardian is not None:
+        # Only now: the agents are dead, so the guardian may stand down.
+        guardian.quit()
     audit.append("daemon_stop", pid=os.getpid(), agents_killed=killed)
     log.info("agentd stopped; %d running agent(s) killed", killed)
     return 0

@@ -15,6 +15,7 @@ PYTHON* variables and the user's site directory.
 
 import json
 import os
+import resource
 import signal
 import sys
 
@@ -52,6 +53,11 @@ def main() -> None:
         os.setresuid(spec["uid"], spec["uid"], spec["uid"])
         if spec["uid"] != 0 and (os.getuid() == 0 or os.geteuid() == 0):
             raise OSError(1, "still root after setresuid")
+
+        # The daemon raised its own limit to watch many agents; agents get
+        # the configured one, soft and hard alike, so they cannot raise it.
+        step = "set RLIMIT_NOFILE"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (spec["nofile"], spec["nofile"]))
 
         step = f"chdir {spec['cwd']}"
         os.chdir(spec["cwd"])

@@ -16,6 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import grpc
 from agentd import signing
@@ -51,7 +52,7 @@ class Keys:
     admin2: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     stranger: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
 
-    ROLES = {"admin": "admin", "operator": "operator", "oncall": "oncall",
+    ROLES: ClassVar[dict[str, str]] = {"admin": "admin", "operator": "operator", "oncall": "oncall",
              "supervisor": "supervisor", "admin2": "admin"}
 
     def trust_store(self) -> str:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from agentd import signing
 from agentd.v1 import agentd_pb2
+
 from tests.harness import AGENT_PYTHON, Daemon, alive, pids_in, wait_for
 
 pytestmark = pytest.mark.root

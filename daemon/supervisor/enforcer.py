@@ -26,7 +26,8 @@ from daemon.supervisor.agent import Agent
 
 log = logging.getLogger(__name__)
 
-Expired = list[tuple[Agent, str]]
+# (agent, kind, the monotonic deadline that passed)
+Expired = list[tuple[Agent, str, float]]
 
 
 def watchdog_interval() -> float | None:
@@ -119,7 +120,7 @@ class Enforcer:
                 for key, (at, agent) in list(self._deadlines.items()):
                     if at <= now:
                         del self._deadlines[key]
-                        expired.append((agent, key[1]))
+                        expired.append((agent, key[1], at))
                 if not expired:
                     nxt = min((at for at, _ in self._deadlines.values()), default=now + self._tick)
                     self._cond.wait(timeout=max(0.0, min(self._tick, nxt - now)))
