@@ -17,44 +17,29 @@ benchmarks/results/kill_latency.json. Needs root. Never asserts a time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import (
+    Scratch,
+    need_root,
+    spin_until_empty,
+    summary,
+    tree_script,
+    wait_count,
+    write_json,
+    write_kill,
+)
 
 from tests.harness import Daemon
 
 SIZES = [1, 10, 100, 1000]
-
-
-def tree_script(n: int) -> str:
-    """A shell that leaves exactly n processes: n-1 sleeps (every tenth escaped), then execs."""
-    escaped = (n - 1) // 10
-    plain = n - 1 - escaped
-    parts = []
-    if plain:
-        parts.append(f"i=0; while [ $i -lt {plain} ]; do sleep 1000 & i=$((i+1)); done")
-    if escaped:
-        parts.append(f"i=0; while [ $i -lt {escaped} ]; do setsid sleep 1000 & i=$((i+1)); done")
-    parts.append("exec sleep 1000")
-    return "; ".join(parts)
-
-
-def wait_count(procs: Path, n: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while len(procs.read_text().split()) < n:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"tree never reached {n} processes")
-        time.sleep(0.01)
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -91,60 +76,25 @@ def live_in_pgrp(procs: Path, pgid: int) -> int:
     return n
 
 
-def populated(cg: Path) -> bool:
-    return "populated 1" in (cg / "cgroup.events").read_text()
-
-
-def spin_until_empty(cg: Path) -> None:
-    delay = 20e-6
-    while populated(cg):
-        time.sleep(delay)
-        delay = min(delay * 2, 1e-3)
-
-
-class Scratch:
-    """A bench cgroup of our own in the v2 hierarchy, for the raw and naive runs."""
-
-    def __init__(self, unified: Path) -> None:
-        self.base = unified / f"agentd-bench-{uuid.uuid4().hex[:8]}"
-        self.base.mkdir()
-
-    def spawn(self, n: int, own_pgrp: bool) -> tuple[Path, subprocess.Popen[bytes]]:
-        cg = self.base / uuid.uuid4().hex[:8]
-        cg.mkdir()
-        # The shell joins the cgroup before it forks anything.
-        script = f"echo $$ > {cg}/cgroup.procs; {tree_script(n)}"
-        proc = subprocess.Popen(["/bin/sh", "-c", script], start_new_session=own_pgrp,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_count(cg / "cgroup.procs", n)
-        wait_escaped(cg / "cgroup.procs", proc.pid, (n - 1) // 10)
-        return cg, proc
-
-    def cleanup(self, cg: Path, proc: subprocess.Popen[bytes]) -> None:
-        (cg / "cgroup.kill").write_text("1")
-        spin_until_empty(cg)
-        proc.wait()
-        cg.rmdir()
-
-    def close(self) -> None:
-        self.base.rmdir()
+def spawn(scratch: Scratch, n: int, own_pgrp: bool) -> tuple[Path, subprocess.Popen[bytes]]:
+    cg, proc = scratch.spawn(n, own_pgrp=own_pgrp)
+    wait_escaped(cg / "cgroup.procs", proc.pid, (n - 1) // 10)
+    return cg, proc
 
 
 def bench_raw(scratch: Scratch, n: int) -> tuple[float, int]:
-    cg, proc = scratch.spawn(n, own_pgrp=False)
+    cg, _ = spawn(scratch, n, own_pgrp=False)
     t0 = time.perf_counter()
-    fd = os.open(cg / "cgroup.kill", os.O_WRONLY)
-    os.write(fd, b"1")
-    os.close(fd)
-    spin_until_empty(cg)
+    write_kill(cg)
+    spin_until_empty([cg])
     ms = (time.perf_counter() - t0) * 1e3
     survivors = len((cg / "cgroup.procs").read_text().split())
-    scratch.cleanup(cg, proc)
+    scratch.cleanup()
     return ms, survivors
 
 
 def bench_naive(scratch: Scratch, n: int) -> tuple[float, int]:
-    cg, proc = scratch.spawn(n, own_pgrp=True)
+    cg, proc = spawn(scratch, n, own_pgrp=True)
     pgid = proc.pid
     t0 = time.perf_counter()
     os.killpg(pgid, signal.SIGKILL)
@@ -158,7 +108,7 @@ def bench_naive(scratch: Scratch, n: int) -> tuple[float, int]:
     time.sleep(0.05)
     survivors = sum(1 for p in (cg / "cgroup.procs").read_text().split()
                     if (st := _stat(int(p))) is not None and st[0] != "Z")
-    scratch.cleanup(cg, proc)
+    scratch.cleanup()
     return ms, survivors
 
 
@@ -177,26 +127,16 @@ def bench_agentd(d: Daemon, n: int, i: int) -> tuple[float, float, int, int]:
     return wall, result.duration_ms, survivors, result.processes_killed
 
 
-def summary(xs: list[float]) -> dict[str, float]:
-    s = sorted(xs)
-    p99 = s[min(len(s) - 1, round(0.99 * (len(s) - 1)))]
-    return {"median": statistics.median(s), "p99": p99, "max": s[-1], "n": len(s)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=0, help="repetitions per size (default: by size)")
     ap.add_argument("--sizes", type=int, nargs="*", default=SIZES)
-    ap.add_argument("--out", type=Path,
-                    default=Path(__file__).resolve().parent / "results" / "kill_latency.json")
+    ap.add_argument("--out", type=Path, help="JSON output [default: results/kill_latency.json]")
     a = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("kill_latency: needs root (cgroups)")
+    need_root("kill_latency")
     root = Path(tempfile.mkdtemp(prefix="agentd-bench-"))
     d = Daemon(root / "dev").start()
-    from daemon.cgroups.layout import discover
-
-    scratch = Scratch(discover().unified)
+    scratch = Scratch()
     rows = []
     try:
         for n in a.sizes:
@@ -231,10 +171,7 @@ def main() -> None:
         scratch.close()
         shutil.rmtree(root, ignore_errors=True)
     print_table(rows)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"benchmark": "kill_latency", "host": os.uname().nodename,
-                                 "kernel": os.uname().release, "rows": rows}, indent=2))
-    print(f"\nwrote {a.out}")
+    print(f"\nwrote {write_json('kill_latency', rows, a.out)}")
 
 
 def print_table(rows: list[dict[str, object]]) -> None:

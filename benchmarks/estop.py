@@ -1,0 +1,119 @@
+"""Emergency stop: every agent on the host killed and verified empty, beside raw cgroup.kill.
+
+For 10, 100 and 1000 agents of 10 processes each: a signed Estop RPC (the
+client's wall time and the daemon's own acceptance-to-all-empty time), and a
+raw cgroup.kill written to the same number of identical cgroups followed by
+polling until every one is empty (the physical limit). Survivors are counted.
+After each estop a signed reset clears the latch (it restarts nothing).
+
+Prints a table, writes results/estop.json. Never asserts a time. Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from common import (
+    Scratch,
+    need_root,
+    spin_until_empty,
+    summary,
+    tree_script,
+    wait_count,
+    write_json,
+    write_kill,
+)
+
+from tests.harness import Daemon
+
+SIZES = [10, 100, 1000]
+PER_AGENT = 10
+
+
+def bench_agentd(d: Daemon, n: int, rep: int) -> tuple[float, float, int, int]:
+    groups = []
+    for i in range(n):
+        agent = d.run(f"e{rep}-{n}-{i}", ["/bin/sh", "-c", tree_script(PER_AGENT, 0)],
+                      pids=PER_AGENT + 16)
+        groups.append(Path(agent.cgroup_paths[0]))
+    for cg in groups:
+        wait_count(cg / "cgroup.procs", PER_AGENT)
+    env = d.signed(lambda c: c.estop.SetInParent(), d.keys.oncall)  # type: ignore[attr-defined]
+    t0 = time.perf_counter()
+    result = d.stub.Estop(env, timeout=300)
+    wall = (time.perf_counter() - t0) * 1e3
+    survivors = sum(len((cg / "cgroup.procs").read_text().split()) for cg in groups
+                    if cg.exists())
+    d.stub.Reset(d.signed(lambda c: c.reset.SetInParent(), d.keys.admin),  # type: ignore[attr-defined]
+                 timeout=30)
+    return wall, result.duration_ms, survivors, result.processes_killed
+
+
+def bench_raw(scratch: Scratch, n: int) -> tuple[float, int]:
+    groups = [scratch.spawn(PER_AGENT, escaped_every=0, wait=False)[0] for _ in range(n)]
+    for cg in groups:
+        wait_count(cg / "cgroup.procs", PER_AGENT)
+    t0 = time.perf_counter()
+    for cg in groups:
+        write_kill(cg)
+    spin_until_empty(groups)
+    ms = (time.perf_counter() - t0) * 1e3
+    survivors = sum(len((cg / "cgroup.procs").read_text().split()) for cg in groups)
+    scratch.cleanup()
+    return ms, survivors
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="*", default=SIZES)
+    ap.add_argument("--reps", type=int, default=0, help="repetitions [default: 3, 1 for 1000]")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    need_root("estop")
+    root = Path(tempfile.mkdtemp(prefix="agentd-bench-"))
+    d = Daemon(root / "dev", extra=["--guardian-timeout", "30"]).start()
+    scratch = Scratch()
+    rows = []
+    try:
+        for n in a.sizes:
+            reps = a.reps or (1 if n >= 1000 else 3)
+            wall, dm, raw, surv, killed = [], [], [], 0, []
+            for rep in range(reps):
+                w, m, s, k = bench_agentd(d, n, rep)
+                wall.append(w)
+                dm.append(m)
+                surv += s
+                killed.append(k)
+                r, s2 = bench_raw(scratch, n)
+                raw.append(r)
+                surv += s2
+            rows.append({"agents": n, "processes_per_agent": PER_AGENT, "reps": reps,
+                         "estop_client_ms": summary(wall), "estop_daemon_ms": summary(dm),
+                         "raw_cgroup_kill_ms": summary(raw), "survivors": surv,
+                         "processes_killed_reported": killed})
+    finally:
+        d.stop()
+        scratch.close()
+        shutil.rmtree(root, ignore_errors=True)
+    head = (f"{'agents':>6} {'procs':>6} {'reps':>4} | {'estop client':>16} | "
+            f"{'estop daemon':>16} | {'raw cgroup.kill':>16} | survivors")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        def cell(key: str, r: dict[str, object] = r) -> str:
+            s = r[key]
+            assert isinstance(s, dict)
+            return f"{s['median']:7.1f} / {s['max']:6.1f}"
+        print(f"{r['agents']:>6} {int(r['agents']) * PER_AGENT:>6} {r['reps']:>4} | "  # type: ignore[call-overload]
+              f"{cell('estop_client_ms'):>16} | {cell('estop_daemon_ms'):>16} | "
+              f"{cell('raw_cgroup_kill_ms'):>16} | {r['survivors']}")
+    print("\ncells: median / max in ms, command (or first write) to every cgroup verified empty")
+    print(f"wrote {write_json('estop', rows, a.out)}")
+
+
+if __name__ == "__main__":
+    main()
