@@ -7,6 +7,7 @@ the daemon never sees a bare OSError.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -106,3 +107,43 @@ def children(path: Path) -> list[Path]:
         return []
     except OSError as err:
         raise CgroupError(f"failed to list {path}: {err.strerror}", str(path)) from err
+
+
+# Held handles. An agent's cgroup.kill and cgroup.events stay open for its
+# life, so a kill is one write(2) and a "still populated?" check one pread(2):
+# in a Python daemon every syscall is a point where another thread may take
+# the interpreter, and a mass kill of 1000 agents paid for three a cgroup.
+# An open file does not keep a cgroup from being removed; afterwards its
+# operations fail with ENODEV.
+
+
+def open_handle(path: Path, *, write: bool) -> int:
+    """Open a cgroup file to keep. Raises CgroupError."""
+    try:
+        return os.open(path, (os.O_WRONLY if write else os.O_RDONLY) | os.O_CLOEXEC)
+    except OSError as err:
+        raise CgroupError(f"failed to open {path}: {err.strerror}", str(path)) from err
+
+
+def write_handle(fd: int, data: str, path: Path) -> None:
+    """One write(2) to a held handle. Raises CgroupError (errno ENODEV: cgroup removed)."""
+    try:
+        os.write(fd, data.encode("ascii"))
+    except OSError as err:
+        raise CgroupError(
+            f"failed to write {data!r} to {path}: {err.strerror}", str(path)) from err
+
+
+def read_handle(fd: int, path: Path) -> str | None:
+    """Re-read a held handle from offset 0; None if the cgroup was removed."""
+    try:
+        return os.pread(fd, 4096, 0).decode("ascii")
+    except OSError as err:
+        if err.errno == errno.ENODEV:
+            return None
+        raise CgroupError(f"failed to read {path}: {err.strerror}", str(path)) from err
+
+
+def close_handle(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)

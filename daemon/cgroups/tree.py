@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -58,13 +59,31 @@ class AgentCgroup:
         self.v2 = tree.base_v2 / agent_id
         self.v1 = {c: base / agent_id for c, base in tree.base_v1.items()}
         self.rel_v2 = "/" + str(self.v2.relative_to(tree.layout.unified))
+        self._kill_fd = -1
+        self._events_fd = -1
+        # Guards the held handles against close() from the reaper while the
+        # kill path uses them: a closed fd number may be reused at once by
+        # another open(), and a kill must never write "1" to someone else's
+        # file. Held only around one syscall or the close itself.
+        self._handles = threading.Lock()
 
     # ----------------------------------------------------------- lifecycle
     def create(self) -> None:
-        """Create every directory. Raises CgroupError."""
+        """Create every directory and open the handles the kill path uses. Raises CgroupError."""
         fs.mkdir(self.v2)
         for path in self.v1.values():
             fs.mkdir(path)
+        self._events_fd = fs.open_handle(self.v2 / "cgroup.events", write=False)
+        if self.tree.has_cgroup_kill:
+            self._kill_fd = fs.open_handle(self.v2 / "cgroup.kill", write=True)
+
+    def close(self) -> None:
+        """Close the held handles (remove() does it too)."""
+        with self._handles:
+            for fd in (self._kill_fd, self._events_fd):
+                if fd >= 0:
+                    fs.close_handle(fd)
+            self._kill_fd = self._events_fd = -1
 
     def procs_files(self) -> list[str]:
         """The cgroup.procs files the launch shim writes itself into, v2 last.
@@ -81,6 +100,7 @@ class AgentCgroup:
 
     def remove(self, timeout: float = 2.0) -> bool:
         """rmdir every directory; retries briefly while the kernel finishes exits."""
+        self.close()
         deadline = time.monotonic() + timeout
         pending = [*self.v1.values(), self.v2]
         while True:
@@ -135,6 +155,10 @@ class AgentCgroup:
 
     def populated(self) -> bool:
         """The kernel's own answer to "is any process left?" (cgroup.events)."""
+        with self._handles:
+            if self._events_fd >= 0:
+                text = fs.read_handle(self._events_fd, self.v2 / "cgroup.events")
+                return text is not None and "populated 1" in text
         try:
             return fs.read_keyed(self.v2 / "cgroup.events").get("populated") == "1"
         except CgroupError:
@@ -178,6 +202,10 @@ class AgentCgroup:
         until a pass finds nobody.
         """
         if self.tree.has_cgroup_kill:
+            with self._handles:
+                if self._kill_fd >= 0:
+                    fs.write_handle(self._kill_fd, "1", self.v2 / "cgroup.kill")
+                    return KILL_METHOD
             fs.write(self.v2 / "cgroup.kill", "1")
             return KILL_METHOD
         try:
