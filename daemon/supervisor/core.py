@@ -10,8 +10,6 @@ import os
 import secrets
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from agentd.v1 import agentd_pb2
 
@@ -26,36 +24,18 @@ from daemon.errors import (
     FailedPrecondition,
     InvalidArgument,
     LaunchFailed,
-    PermissionDenied,
 )
 from daemon.supervisor import killer, launcher, runspec
 from daemon.supervisor.agent import Agent, State
-from daemon.supervisor.enforcer import Enforcer, Expired
+from daemon.supervisor.enforcer import Enforcer
+from daemon.supervisor.failsafe import EstopResult, Failsafe, RenewResult
 from daemon.supervisor.gate import CommandGate
+from daemon.supervisor.killer import StopResult
 from daemon.supervisor.latch import Latch
 from daemon.supervisor.reactor import LogSink, Reactor
 from daemon.users import AgentUser, resolve
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StopResult:
-    agent: Agent
-    outcome: killer.KillOutcome
-
-
-@dataclass(frozen=True)
-class RenewResult:
-    agent: Agent
-    ttl_ms: int
-    remaining_s: float
-
-
-@dataclass
-class EstopResult:
-    results: list[StopResult] = field(default_factory=list)
-    duration_ms: float = 0.0
 
 
 class Supervisor:
@@ -65,11 +45,10 @@ class Supervisor:
         self.gate = gate
         self.audit = audit
         self.reactor = Reactor()
-        self.enforcer = Enforcer(self._on_expired, reactor_tick=lambda: self.reactor.last_tick)
+        self.failsafe = Failsafe(self)
+        self.enforcer = Enforcer(self.failsafe.on_expired,
+                                 reactor_tick=lambda: self.reactor.last_tick)
         self.latch = Latch(cfg.latch_path)
-        # Verifies lease kills and nothing else: sharing the finalisers' pool
-        # would stamp a cgroup empty only when a busy worker got round to it.
-        self._verifier = ThreadPoolExecutor(max_workers=2, thread_name_prefix="agentd-verify")
         # name -> newest agent of that name. Read without a lock on the kill
         # path (a dict lookup is atomic under the GIL); written under
         # _launch_lock, which guards name reservation only.
@@ -95,7 +74,7 @@ class Supervisor:
         leftovers = self.tree.leftovers()
         if not leftovers:
             return []
-        counts = {g.agent_id: len(_safe_pids(g)) for g in leftovers}
+        counts = {g.agent_id: len(killer.pids_of(g)) for g in leftovers}
         kill_all(leftovers)
         ids = []
         for g in leftovers:
@@ -117,7 +96,7 @@ class Supervisor:
         The enforcement loop, and so the guardian's heartbeat, runs until the
         kills are verified: a slow shutdown must not look like a stall.
         """
-        running = self._running()
+        running = self.running()
         for a in running:
             a.request_end("daemon_shutdown")
         kill_all(a.cgroup for a in running)
@@ -128,7 +107,7 @@ class Supervisor:
                               verified_empty=empty)
         self.enforcer.stop()
         self.reactor.stop()
-        self._verifier.shutdown(wait=True)
+        self.failsafe.close()
         for a in self._agents.values():
             a.cgroup.remove(timeout=0.5)
         self.tree.remove()
@@ -146,7 +125,7 @@ class Supervisor:
 
     def status_line(self) -> str:
         """One line for humans (systemd STATUS=): agents, latch, leases."""
-        running = self._running()
+        running = self.running()
         leased = sum(1 for a in running if a.lease_ttl_ms)
         latch = self.latch.state
         parts = [f"{len(running)} agent(s) running", f"{leased} under lease"]
@@ -154,7 +133,7 @@ class Supervisor:
             parts.append(f"EMERGENCY STOP LATCHED ({latch.reason})")
         return "; ".join(parts)
 
-    def _running(self) -> list[Agent]:
+    def running(self) -> list[Agent]:
         return [a for a in list(self._agents.values()) if not a.is_ended]
 
     # --------------------------------------------------------------- reads
@@ -190,13 +169,13 @@ class Supervisor:
                 exists = AgentExists(
                     f"an agent named {action.name!r} is already running; stop it first "
                     "or pick another name")
-                self._audit_result(vc, ok=False, error=exists.message)
+                self.audit_result(vc, ok=False, error=exists.message)
                 raise exists
             self._reserved.add(action.name)
         try:
             agent = self._launch(vc, action, user, spec)
         except (LaunchFailed, CgroupError) as err:
-            self._audit_result(vc, ok=False, error=err.message)
+            self.audit_result(vc, ok=False, error=err.message)
             raise
         finally:
             with self._launch_lock:
@@ -209,9 +188,9 @@ class Supervisor:
                         verify_timeout=self.cfg.kill_verify_timeout_s)
             late = FailedPrecondition("emergency stop latched while the agent was starting; "
                                       "it was killed")
-            self._audit_result(vc, ok=False, error=late.message, agent_id=agent.id)
+            self.audit_result(vc, ok=False, error=late.message, agent_id=agent.id)
             raise late
-        self._audit_result(vc, ok=True, name=agent.name, agent_id=agent.id,
+        self.audit_result(vc, ok=True, name=agent.name, agent_id=agent.id,
                            main_pid=agent.main_pid, cgroups=agent.cgroup.paths())
         return agent
 
@@ -282,7 +261,7 @@ class Supervisor:
         leftovers = 0
         try:
             if group.populated():
-                leftovers = len(_safe_pids(group))
+                leftovers = len(killer.pids_of(group))
                 group.kill()
             empty = group.wait_empty(time.monotonic() + self.cfg.kill_verify_timeout_s)
             while not empty:
@@ -308,7 +287,7 @@ class Supervisor:
         agent.request_end("killed")
         outcome = killer.kill(agent, accepted_at=accepted,
                               verify_timeout=self.cfg.kill_verify_timeout_s)
-        self._settle(agent, outcome)
+        self.settle(agent, outcome)
         self._after_stop(vc, agent, outcome)
         return StopResult(agent, outcome)
 
@@ -328,11 +307,11 @@ class Supervisor:
         agent.request_end("stopped")
         outcome = killer.stop(agent, accepted_at=accepted, grace=grace,
                               verify_timeout=self.cfg.kill_verify_timeout_s)
-        self._settle(agent, outcome)
+        self.settle(agent, outcome)
         self._after_stop(vc, agent, outcome)
         return StopResult(agent, outcome)
 
-    def _settle(self, agent: Agent, outcome: killer.KillOutcome) -> None:
+    def settle(self, agent: Agent, outcome: killer.KillOutcome) -> None:
         self.enforcer.clear(agent)
         if outcome.verified_empty and not outcome.already_ended:
             agent.set_state(State.KILLED)
@@ -340,177 +319,19 @@ class Supervisor:
     def _after_stop(self, vc: VerifiedCommand, agent: Agent, out: killer.KillOutcome) -> None:
         """Everything slow, after the kill: audit the command and result, persist replay."""
         self.gate.audit_accepted(vc, agent.name, agent_id=agent.id)
-        self._audit_result(vc, **_outcome_fields(agent, out), action=vc.action)
+        self.audit_result(vc, **killer.outcome_fields(agent, out), action=vc.action)
         self.gate.replay.persist()
 
-    def _audit_result(self, vc: VerifiedCommand, **fields: object) -> None:
+    def audit_result(self, vc: VerifiedCommand, **fields: object) -> None:
         fields.setdefault("ok", True)
         self.audit.append("result", command_id=vc.command_id.hex(), **fields)
 
-    # --------------------------------------------------------------- leases
+    # ------------------------------------------------------------ failsafe
     def renew(self, envelope: agentd_pb2.Envelope) -> RenewResult:
-        """Extend an agent's lease to ttl from now. Raises AgentdError (audited)."""
-        def precheck(vc: VerifiedCommand) -> Agent:
-            runspec.check_ttl(vc.command.renew.ttl_ms, self.cfg)
-            agent = self.get(vc.command.renew.name)
-            if agent.kill_requested or agent.is_ended:
-                raise _ended(agent)
-            return agent
+        return self.failsafe.renew(envelope)
 
-        vc, agent = self.gate.admit(envelope, "renew", precheck)
-        action = vc.command.renew
-        if not self.enforcer.renew(agent, time.monotonic() + action.ttl_ms / 1000):
-            # The lease ran out between the check and now.
-            err = _ended(agent)
-            self.gate.audit_rejection(envelope, "renew", err)
-            raise err
-        agent.lease_ttl_ms = action.ttl_ms
-        self.gate.audit_accepted(vc, agent.name, agent_id=agent.id, ttl_ms=action.ttl_ms)
-        self.gate.replay.persist()
-        remaining = self.enforcer.remaining(agent, "lease") or 0.0
-        return RenewResult(agent, action.ttl_ms, remaining)
-
-    def _on_expired(self, expired: Expired) -> None:
-        """Called from the enforcement loop: hard-kill expired leases, stop overrun agents.
-
-        The loop must keep ticking (it is the watchdogs' heartbeat), so it
-        only writes cgroup.kill for every expired lease, which is fast; the
-        verification, audit and any stop with a grace period run in the pool.
-        """
-        leases = [(a, at) for a, kind, at in expired if kind == "lease" and not a.is_ended]
-        for a, _ in leases:
-            a.request_end("lease_expired")
-        kill_all(a.cgroup for a, _ in leases)
-        killed_at = time.monotonic()
-        if leases:
-            self._verifier.submit(self._verify_expiries, leases, killed_at)
-        for a, kind, _ in expired:
-            if kind == "max_runtime" and not a.is_ended:
-                a.request_end("max_runtime")
-                self.reactor.pool.submit(self._stop_overrun, a)
-
-    def _verify_expiries(self, leases: list[tuple[Agent, float]], killed_at: float) -> None:
-        """Wait for every expired agent's cgroup to empty, then audit each.
-
-        One task for the whole batch: polling them together stamps each one
-        as it empties, where a task per agent would queue later agents behind
-        earlier agents' audit fsyncs and report that queueing as kill time.
-        """
-        pending = dict(leases)
-        emptied: dict[Agent, float] = {}
-        give_up = time.monotonic() + self.cfg.kill_verify_timeout_s
-        delay = 20e-6
-        while pending and time.monotonic() < give_up:
-            for a in [a for a in pending if not a.cgroup.populated()]:
-                emptied[a] = time.monotonic()
-                del pending[a]
-            if pending:
-                time.sleep(delay)
-                delay = min(delay * 2, 1e-3)
-        for a, _ in leases:
-            if a in emptied:
-                a.set_state(State.KILLED)
-        # fsync'd audit records go to the general pool, not this verifier.
-        self.reactor.pool.submit(self._audit_expiries, leases, killed_at, emptied)
-
-    def _audit_expiries(self, leases: list[tuple[Agent, float]], killed_at: float,
-                        emptied: dict[Agent, float]) -> None:
-        for a, deadline in leases:
-            done = emptied.get(a)
-            self.audit.append(
-                "lease_expired", name=a.name, agent_id=a.id, ttl_ms=a.lease_ttl_ms,
-                verified_empty=done is not None,
-                # How late the kill was written, and how long from the deadline
-                # until the kernel reported the cgroup empty.
-                deadline_to_kill_ms=round((killed_at - deadline) * 1e3, 3),
-                deadline_to_empty_ms=None if done is None else round((done - deadline) * 1e3, 3),
-                stuck=[s.pid for s in a.cgroup.stuck()] if done is None else [],
-            )
-
-    def _stop_overrun(self, agent: Agent) -> None:
-        out = killer.stop(agent, accepted_at=time.monotonic(), grace=self.cfg.default_grace_s,
-                          verify_timeout=self.cfg.kill_verify_timeout_s)
-        self._settle(agent, out)
-        self.audit.append("max_runtime_reached", max_runtime_ms=agent.max_runtime_ms,
-                          **_outcome_fields(agent, out))
-
-    # --------------------------------------------------------------- estop
     def estop(self, envelope: agentd_pb2.Envelope) -> EstopResult:
-        """Kill every agent at once, then latch. Raises AgentdError (audited)."""
-        vc, _ = self.gate.admit(envelope, "estop")
-        accepted = time.monotonic()
-        # The latch first, in memory: from here no run can start, and a run
-        # already starting kills its own agent when it sees the latch.
-        self.latch.engage(vc.command.reason or "emergency stop", ",".join(vc.principals))
-        running = self._running()
-        before = {a.id: _safe_pids(a.cgroup) for a in running}
-        for a in running:
-            a.request_end("estop")
-        kill_all(a.cgroup for a in running)
-        deadline = time.monotonic() + self.cfg.kill_verify_timeout_s
-        result = EstopResult()
-        for a in running:
-            empty = a.cgroup.wait_empty(deadline)
-            out = killer.KillOutcome(
-                processes_killed=len(before[a.id]), verified_empty=empty,
-                duration_ms=(time.monotonic() - accepted) * 1e3,
-                method="cgroup.kill" if self.tree.has_cgroup_kill else "freeze-and-kill",
-                stuck=[] if empty else a.cgroup.stuck())
-            self._settle(a, out)
-            result.results.append(StopResult(a, out))
-        result.duration_ms = (time.monotonic() - accepted) * 1e3
-        # Everything slow, after the kill.
-        self.latch.persist()
-        self.gate.audit_accepted(vc, "*")
-        self._audit_result(
-            vc, action="estop", agents_killed=len(running),
-            processes_killed=sum(r.outcome.processes_killed for r in result.results),
-            all_verified_empty=all(r.outcome.verified_empty for r in result.results),
-            duration_ms=round(result.duration_ms, 3), latched=True,
-            agents=[r.agent.id for r in result.results])
-        self.gate.replay.persist()
-        return result
+        return self.failsafe.estop(envelope)
 
     def reset(self, envelope: agentd_pb2.Envelope) -> tuple[str, ...]:
-        """Clear the latch if enough distinct principals signed. Returns them."""
-        def quorum(vc: VerifiedCommand) -> tuple[str, ...]:
-            # Count distinct principals among the signers whose role allows a
-            # reset; verify() already collapsed signatures to distinct keys.
-            principals = tuple(sorted({k.principal for k in vc.authorized}))
-            needed = self.cfg.reset_signatures
-            if len(principals) < needed:
-                raise PermissionDenied(
-                    f"reset needs signatures from {needed} distinct principals with role admin "
-                    f"or operator; this one has {len(principals)} ({', '.join(principals)}). "
-                    "Add one with 'agentctl cosign FILE --key OTHER_KEY'")
-            return principals
-
-        vc, principals = self.gate.admit(envelope, "reset", quorum)
-        cleared = self.latch.clear()
-        self.gate.audit_accepted(vc, "*", reset_principals=list(principals),
-                                 was_latched=cleared is not None)
-        self.gate.replay.persist()
-        return principals
-
-
-def _ended(agent: Agent) -> FailedPrecondition:
-    return FailedPrecondition(
-        f"agent {agent.name!r} has ended or is being ended "
-        f"({agent.end_reason or agent.state.value}); a renew cannot bring it back")
-
-
-def _outcome_fields(agent: Agent, out: killer.KillOutcome) -> dict[str, object]:
-    return {
-        "ok": out.verified_empty, "name": agent.name, "agent_id": agent.id,
-        "processes_killed": out.processes_killed, "duration_ms": round(out.duration_ms, 3),
-        "verified_empty": out.verified_empty, "method": out.method,
-        "already_ended": out.already_ended, "terminated_by_sigterm": out.terminated_by_sigterm,
-        "stuck": [{"pid": s.pid, "state": s.state, "wchan": s.wchan} for s in out.stuck],
-    }
-
-
-def _safe_pids(group: AgentCgroup) -> list[int]:
-    try:
-        return group.pids()
-    except CgroupError:
-        return []
+        return self.failsafe.reset(envelope)

@@ -48,7 +48,7 @@ def stop(agent: Agent, *, accepted_at: float, grace: float, verify_timeout: floa
     agent.kill_requested = True
     agent.set_state(State.STOPPING)
     group = agent.cgroup
-    at_term = set(_pids(group))
+    at_term = set(pids_of(group))
     group.signal_all(signal.SIGTERM)
     if group.wait_empty(time.monotonic() + grace):
         return KillOutcome(
@@ -75,7 +75,7 @@ def _kill_and_verify(
     # One read of cgroup.procs before the kill to count what is killed: a
     # read, not a write or an fsync. Forks racing the kill are caught by
     # cgroup.kill itself.
-    before = set(_pids(group))
+    before = set(pids_of(group))
     try:
         method = group.kill()
     except CgroupError:
@@ -94,8 +94,26 @@ def _kill_and_verify(
     return before, out
 
 
-def _pids(group: AgentCgroup) -> list[int]:
+def pids_of(group: AgentCgroup) -> list[int]:
+    """Members of the cgroup, or none if it is gone or unreadable."""
     try:
         return group.pids()
     except CgroupError:
         return []
+
+
+@dataclass(frozen=True)
+class StopResult:
+    agent: Agent
+    outcome: KillOutcome
+
+
+def outcome_fields(agent: Agent, out: KillOutcome) -> dict[str, object]:
+    """The audit record's fields for a stop or kill of agent."""
+    return {
+        "ok": out.verified_empty, "name": agent.name, "agent_id": agent.id,
+        "processes_killed": out.processes_killed, "duration_ms": round(out.duration_ms, 3),
+        "verified_empty": out.verified_empty, "method": out.method,
+        "already_ended": out.already_ended, "terminated_by_sigterm": out.terminated_by_sigterm,
+        "stuck": [{"pid": s.pid, "state": s.state, "wchan": s.wchan} for s in out.stuck],
+    }

@@ -1,0 +1,203 @@
+"""Fail-closed controls: leases (the dead-man's switch), run-time limits, estop, reset.
+
+Composed into the Supervisor, whose registry and gate they use. Expired
+deadlines arrive from the enforcement loop, which must keep ticking (it is
+the watchdogs' heartbeat): the loop only writes cgroup.kill; verification,
+audit and stops with a grace period run elsewhere.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from agentd.v1 import agentd_pb2
+
+from daemon.auth import VerifiedCommand
+from daemon.cgroups.tree import kill_all
+from daemon.errors import FailedPrecondition, PermissionDenied
+from daemon.supervisor import killer, runspec
+from daemon.supervisor.agent import Agent, State
+from daemon.supervisor.enforcer import Expired
+from daemon.supervisor.killer import StopResult, outcome_fields, pids_of
+
+if TYPE_CHECKING:
+    from daemon.supervisor.core import Supervisor
+
+
+@dataclass(frozen=True)
+class RenewResult:
+    agent: Agent
+    ttl_ms: int
+    remaining_s: float
+
+
+@dataclass
+class EstopResult:
+    results: list[StopResult] = field(default_factory=list)
+    duration_ms: float = 0.0
+
+
+class Failsafe:
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+        self.cfg = sup.cfg
+        # Verifies lease kills and nothing else: sharing the finalisers' pool
+        # would stamp a cgroup empty only when a busy worker got round to it.
+        self._verifier = ThreadPoolExecutor(max_workers=2, thread_name_prefix="agentd-verify")
+
+    def close(self) -> None:
+        self._verifier.shutdown(wait=True)
+
+    # --------------------------------------------------------------- leases
+    def renew(self, envelope: agentd_pb2.Envelope) -> RenewResult:
+        """Extend an agent's lease to ttl from now. Raises AgentdError (audited)."""
+        def precheck(vc: VerifiedCommand) -> Agent:
+            runspec.check_ttl(vc.command.renew.ttl_ms, self.cfg)
+            agent = self.sup.get(vc.command.renew.name)
+            if agent.kill_requested or agent.is_ended:
+                raise _ended(agent)
+            return agent
+
+        vc, agent = self.sup.gate.admit(envelope, "renew", precheck)
+        action = vc.command.renew
+        if not self.sup.enforcer.renew(agent, time.monotonic() + action.ttl_ms / 1000):
+            # The lease ran out between the check and now.
+            err = _ended(agent)
+            self.sup.gate.audit_rejection(envelope, "renew", err)
+            raise err
+        agent.lease_ttl_ms = action.ttl_ms
+        self.sup.gate.audit_accepted(vc, agent.name, agent_id=agent.id, ttl_ms=action.ttl_ms)
+        self.sup.gate.replay.persist()
+        remaining = self.sup.enforcer.remaining(agent, "lease") or 0.0
+        return RenewResult(agent, action.ttl_ms, remaining)
+
+    def on_expired(self, expired: Expired) -> None:
+        """Called from the enforcement loop: hard-kill expired leases, stop overrun agents.
+
+        The loop must keep ticking (it is the watchdogs' heartbeat), so it
+        only writes cgroup.kill for every expired lease, which is fast; the
+        verification, audit and any stop with a grace period run in the pool.
+        """
+        leases = [(a, at) for a, kind, at in expired if kind == "lease" and not a.is_ended]
+        for a, _ in leases:
+            a.request_end("lease_expired")
+        kill_all(a.cgroup for a, _ in leases)
+        killed_at = time.monotonic()
+        if leases:
+            self._verifier.submit(self._verify_expiries, leases, killed_at)
+        for a, kind, _ in expired:
+            if kind == "max_runtime" and not a.is_ended:
+                a.request_end("max_runtime")
+                self.sup.reactor.pool.submit(self._stop_overrun, a)
+
+    def _verify_expiries(self, leases: list[tuple[Agent, float]], killed_at: float) -> None:
+        """Wait for every expired agent's cgroup to empty, then audit each.
+
+        One task for the whole batch: polling them together stamps each one
+        as it empties, where a task per agent would queue later agents behind
+        earlier agents' audit fsyncs and report that queueing as kill time.
+        """
+        pending = dict(leases)
+        emptied: dict[Agent, float] = {}
+        give_up = time.monotonic() + self.cfg.kill_verify_timeout_s
+        delay = 20e-6
+        while pending and time.monotonic() < give_up:
+            for a in [a for a in pending if not a.cgroup.populated()]:
+                emptied[a] = time.monotonic()
+                del pending[a]
+            if pending:
+                time.sleep(delay)
+                delay = min(delay * 2, 1e-3)
+        for a, _ in leases:
+            if a in emptied:
+                a.set_state(State.KILLED)
+        # fsync'd audit records go to the general pool, not this verifier.
+        self.sup.reactor.pool.submit(self._audit_expiries, leases, killed_at, emptied)
+
+    def _audit_expiries(self, leases: list[tuple[Agent, float]], killed_at: float,
+                        emptied: dict[Agent, float]) -> None:
+        for a, deadline in leases:
+            done = emptied.get(a)
+            self.sup.audit.append(
+                "lease_expired", name=a.name, agent_id=a.id, ttl_ms=a.lease_ttl_ms,
+                verified_empty=done is not None,
+                # How late the kill was written, and how long from the deadline
+                # until the kernel reported the cgroup empty.
+                deadline_to_kill_ms=round((killed_at - deadline) * 1e3, 3),
+                deadline_to_empty_ms=None if done is None else round((done - deadline) * 1e3, 3),
+                stuck=[s.pid for s in a.cgroup.stuck()] if done is None else [],
+            )
+
+    def _stop_overrun(self, agent: Agent) -> None:
+        out = killer.stop(agent, accepted_at=time.monotonic(), grace=self.cfg.default_grace_s,
+                          verify_timeout=self.cfg.kill_verify_timeout_s)
+        self.sup.settle(agent, out)
+        self.sup.audit.append("max_runtime_reached", max_runtime_ms=agent.max_runtime_ms,
+                          **outcome_fields(agent, out))
+
+    # --------------------------------------------------------------- estop
+    def estop(self, envelope: agentd_pb2.Envelope) -> EstopResult:
+        """Kill every agent at once, then latch. Raises AgentdError (audited)."""
+        vc, _ = self.sup.gate.admit(envelope, "estop")
+        accepted = time.monotonic()
+        # The latch first, in memory: from here no run can start, and a run
+        # already starting kills its own agent when it sees the latch.
+        self.sup.latch.engage(vc.command.reason or "emergency stop", ",".join(vc.principals))
+        running = self.sup.running()
+        before = {a.id: pids_of(a.cgroup) for a in running}
+        for a in running:
+            a.request_end("estop")
+        kill_all(a.cgroup for a in running)
+        deadline = time.monotonic() + self.cfg.kill_verify_timeout_s
+        result = EstopResult()
+        for a in running:
+            empty = a.cgroup.wait_empty(deadline)
+            out = killer.KillOutcome(
+                processes_killed=len(before[a.id]), verified_empty=empty,
+                duration_ms=(time.monotonic() - accepted) * 1e3,
+                method="cgroup.kill" if self.sup.tree.has_cgroup_kill else "freeze-and-kill",
+                stuck=[] if empty else a.cgroup.stuck())
+            self.sup.settle(a, out)
+            result.results.append(StopResult(a, out))
+        result.duration_ms = (time.monotonic() - accepted) * 1e3
+        # Everything slow, after the kill.
+        self.sup.latch.persist()
+        self.sup.gate.audit_accepted(vc, "*")
+        self.sup.audit_result(
+            vc, action="estop", agents_killed=len(running),
+            processes_killed=sum(r.outcome.processes_killed for r in result.results),
+            all_verified_empty=all(r.outcome.verified_empty for r in result.results),
+            duration_ms=round(result.duration_ms, 3), latched=True,
+            agents=[r.agent.id for r in result.results])
+        self.sup.gate.replay.persist()
+        return result
+
+    def reset(self, envelope: agentd_pb2.Envelope) -> tuple[str, ...]:
+        """Clear the latch if enough distinct principals signed. Returns them."""
+        def quorum(vc: VerifiedCommand) -> tuple[str, ...]:
+            # Count distinct principals among the signers whose role allows a
+            # reset; verify() already collapsed signatures to distinct keys.
+            principals = tuple(sorted({k.principal for k in vc.authorized}))
+            needed = self.cfg.reset_signatures
+            if len(principals) < needed:
+                raise PermissionDenied(
+                    f"reset needs signatures from {needed} distinct principals with role admin "
+                    f"or operator; this one has {len(principals)} ({', '.join(principals)}). "
+                    "Add one with 'agentctl cosign FILE --key OTHER_KEY'")
+            return principals
+
+        vc, principals = self.sup.gate.admit(envelope, "reset", quorum)
+        cleared = self.sup.latch.clear()
+        self.sup.gate.audit_accepted(vc, "*", reset_principals=list(principals),
+                                 was_latched=cleared is not None)
+        self.sup.gate.replay.persist()
+        return principals
+
+
+def _ended(agent: Agent) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"agent {agent.name!r} has ended or is being ended "
+        f"({agent.end_reason or agent.state.value}); a renew cannot bring it back")
