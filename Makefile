@@ -8,10 +8,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # OS packages: systemd-python builds against libsystemd; bubblewrap and
 # systemd-container serve the sandbox and the systemd tests.
-APT_PACKAGES := libsystemd-dev pkg-config python3-venv python3-dev gcc
+APT_PACKAGES := libsystemd-dev pkg-config python3-venv python3-dev gcc systemd-container
 STAMP  := $(VENV)/.installed
 
-.PHONY: help deps venv proto demo test test-fast lint typecheck check bench clean
+.PHONY: help deps venv proto demo test test-fast lint typecheck check bench clean \
+        install uninstall
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -57,8 +58,46 @@ lint: $(STAMP) ## ruff
 typecheck: $(STAMP) ## mypy --strict on daemon/ and agentctl/
 	$(VENV)/bin/mypy
 
-bench: $(STAMP) ## Kill-latency benchmark (prints a table, writes benchmarks/results/)
+bench: $(STAMP) ## Benchmarks: kill latency, lease precision, estop (tables; JSON in benchmarks/results/)
 	$(PY) benchmarks/kill_latency.py
+	$(PY) benchmarks/lease_precision.py
+	$(PY) benchmarks/estop.py
+
+# Deployment. The service's virtualenv is built on the OS's interpreter
+# (/usr/bin/python3), not on whichever python3 comes first in PATH (often a
+# pyenv under /root): a system service must not depend on one user's
+# toolchain. `make install PYTHON=...` still overrides it. The sysusers.d and
+# tmpfiles.d directories are variables because /usr is read-only in the
+# systemd tests' container; /etc/sysusers.d and /etc/tmpfiles.d work as well.
+OPT         ?= /opt/agentd
+UNITDIR     ?= /etc/systemd/system
+SYSUSERSDIR ?= /usr/lib/sysusers.d
+TMPFILESDIR ?= /usr/lib/tmpfiles.d
+CONFDIR     ?= /etc/agentd
+# sd_booted(3): systemd is the running init if this directory exists.
+SYSTEMD_RUNNING = test -d /run/systemd/system
+
+install: PYTHON := /usr/bin/python3
+install: deps ## Install the daemon as a systemd service (/opt/agentd, agentd.service, /etc/agentd)
+	$(PYTHON) -m venv $(OPT)/venv
+	$(OPT)/venv/bin/pip install -q .
+	install -D -m 0644 systemd/agentd.service $(UNITDIR)/agentd.service
+	install -D -m 0644 systemd/agentd.sysusers $(SYSUSERSDIR)/agentd.conf
+	install -D -m 0644 systemd/agentd.tmpfiles $(TMPFILESDIR)/agentd.conf
+	install -d -m 0755 $(CONFDIR)
+	test -e $(CONFDIR)/agentd.toml || install -m 0644 systemd/agentd.toml $(CONFDIR)/agentd.toml
+	test -e $(CONFDIR)/trusted_keys || install -m 0600 /dev/null $(CONFDIR)/trusted_keys
+	systemd-sysusers $(SYSUSERSDIR)/agentd.conf
+	systemd-tmpfiles --create $(TMPFILESDIR)/agentd.conf
+	@if $(SYSTEMD_RUNNING); then systemctl daemon-reload; \
+	else echo "systemd is not running: skipped systemctl daemon-reload"; fi
+	@echo "installed. Add keys to $(CONFDIR)/trusted_keys, then: systemctl enable --now agentd"
+
+uninstall: ## Remove what `make install` put in place (keeps /etc/agentd, /var/lib/agentd, /var/log/agentd)
+	@if $(SYSTEMD_RUNNING); then systemctl disable --now agentd.service || true; fi
+	rm -f $(UNITDIR)/agentd.service $(SYSUSERSDIR)/agentd.conf $(TMPFILESDIR)/agentd.conf
+	rm -rf $(OPT)
+	@if $(SYSTEMD_RUNNING); then systemctl daemon-reload; fi
 
 clean: ## Remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info
