@@ -211,7 +211,7 @@ def info_text(info: agentd_pb2.InfoResponse, now: datetime) -> str:
         if until > now:
             degraded = (
                 f"rebuilding until {fmt.format_time(until, now)}: "
-                "only stop and kill are accepted until then"
+                "only stop, kill and estop are accepted until then"
             )
     return _fields(
         [

@@ -180,8 +180,8 @@ def run(cfg: config.Config) -> int:
         log.warning("default %s limit cannot be enforced: no cgroup hierarchy offers the %s "
                     "controller to agentd", controller, controller)
     if replay.degraded_until:
-        log.warning("replay cache lost or corrupt: only stop and kill are accepted for %.0f s",
-                    replay.degraded_until - time.time())
+        log.warning("replay cache lost or corrupt: only stop, kill and estop are accepted "
+                    "for %.0f s", replay.degraded_until - time.time())
     status = sup.status_line()
     _notify(f"READY=1\nSTATUS={status}")
     while not stop.wait(timeout=1.0):

@@ -184,7 +184,7 @@ def test_lost_replay_cache_refuses_run_but_not_kill(fresh_daemon: Daemon, hostil
     with pytest.raises(grpc.RpcError) as exc:
         d.run("after-loss", [AGENT_PYTHON, str(hostile / "ignore_term.py")])
     assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "stop and kill" in (exc.value.details() or "")
+    assert "stop, kill and estop" in (exc.value.details() or "")
     # Kill still works (here: of an unknown agent, which is the only kind left).
     with pytest.raises(grpc.RpcError) as exc:
         d.kill("before-loss")

@@ -10,7 +10,7 @@ object a line, `{"id": HEX, "sha256": HEX, "exp": UNIX_SECONDS}`.
 If the file is lost or corrupt at start-up, any command accepted before could
 be replayed. Following RFC 4120 §3.2.3 (a Kerberos server that loses its
 replay cache refuses authenticators until the longest lifetime has passed),
-the cache is then *degraded*: only stop and kill are accepted until now +
+the cache is then *degraded*: only stop, kill and estop are accepted until now +
 window_s. A replayed stop or kill can only end an agent, never start one.
 """
 
@@ -135,7 +135,7 @@ class ReplayCache:
 
     @property
     def degraded_until(self) -> float | None:
-        """Unix time until which only stop and kill are accepted, or None.
+        """Unix time until which only stop, kill and estop are accepted, or None.
 
         Cleared by the first check_and_reserve() or prune() at or after that
         time, so it may briefly name a time in the past.
@@ -180,8 +180,8 @@ class ReplayCache:
             raise ReplayCacheDegraded(
                 f"the replay cache {self.path} {self._degraded_why} at start-up, so an old "
                 f"command could be replayed; until {iso_utc(until)} (the longest command "
-                f"lifetime plus clock skew) only stop and kill are accepted, so this {action} "
-                "is refused; retry it then"
+                f"lifetime plus clock skew) only stop, kill and estop are accepted, so this "
+                f"{action} is refused; retry it then"
             )
         if replayed:
             raise Replayed(

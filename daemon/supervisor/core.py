@@ -99,7 +99,8 @@ class Supervisor:
         running = self.running()
         for a in running:
             a.request_end("daemon_shutdown")
-        kill_all(a.cgroup for a in running)
+        with self.reactor.kill_gate:
+            kill_all(a.cgroup for a in running)
         for a in running:
             empty = a.cgroup.wait_empty(time.monotonic() + self.cfg.kill_verify_timeout_s)
             a.ended.wait(timeout=2.0)

@@ -84,7 +84,8 @@ class Failsafe:
         leases = [(a, at) for a, kind, at in expired if kind == "lease" and not a.is_ended]
         for a, _ in leases:
             a.request_end("lease_expired")
-        kill_all(a.cgroup for a, _ in leases)
+        with self.sup.reactor.kill_gate:
+            kill_all(a.cgroup for a, _ in leases)
         killed_at = time.monotonic()
         if leases:
             self._verifier.submit(self._verify_expiries, leases, killed_at)
@@ -150,7 +151,8 @@ class Failsafe:
         before = {a.id: pids_of(a.cgroup) for a in running}
         for a in running:
             a.request_end("estop")
-        kill_all(a.cgroup for a in running)
+        with self.sup.reactor.kill_gate:
+            kill_all(a.cgroup for a in running)
         deadline = time.monotonic() + self.cfg.kill_verify_timeout_s
         result = EstopResult()
         for a in running:

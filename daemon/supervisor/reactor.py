@@ -70,6 +70,11 @@ class Reactor:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agentd-final")
         self.last_tick = time.monotonic()
         self._tickers: list[Callback] = []
+        # Held by a burst of kills (estop, expiring leases) while it writes
+        # cgroup.kill: the loop waits for it before dispatching events, so the
+        # reaping a kill sets off does not compete with the rest of the burst
+        # for the interpreter. Kills never wait on this; reaping does.
+        self.kill_gate = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
@@ -111,8 +116,10 @@ class Reactor:
                 events = self._sel.select(timeout=0.5)
             except InterruptedError:
                 continue
-            for key, _ in events:
-                self._dispatch(key)
+            if events:
+                with self.kill_gate:
+                    for key, _ in events:
+                        self._dispatch(key)
             while True:
                 try:
                     fn = self._todo.get_nowait()

@@ -159,7 +159,7 @@ def test_degraded_refuses_run_but_allows_stop_and_kill(path: Path) -> None:
     assert f"replay cache {path} was corrupt (torn last line; kept as " in msg
     assert "at start-up, so an old command could be replayed" in msg
     assert "until 2025-06-15T15:12:40+00:00" in msg
-    assert "only stop and kill are accepted" in msg
+    assert "only stop, kill and estop are accepted" in msg
     _reserve(cache, 2, "stop")
     _reserve(cache, 3, "kill")
     with pytest.raises(Replayed):  # replays of stops are still refused

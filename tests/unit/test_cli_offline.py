@@ -982,7 +982,7 @@ def test_info_text(fake: tuple[FakeAgentd, Path]) -> None:
         "max command lifetime: 5m00s\n"
         "allowed clock skew:   30s\n"
         "replay cache:         rebuilding until 2025-06-15 15:08:40Z (in 2m00s): "
-        "only stop and kill are accepted until then\n"
+        "only stop, kill and estop are accepted until then\n"
         "emergency stop:       not latched\n"
         "reset needs:          0 distinct principal(s)\n"
         "leases:               optional\n"
