@@ -127,3 +127,16 @@ def write_json(name: str, rows: list[dict[str, Any]], out: Path | None = None) -
 def need_root(name: str) -> None:
     if os.geteuid() != 0:
         sys.exit(f"{name}: needs root (cgroups)")
+
+
+def cell(row: dict[str, Any], key: str, second: str = "p99", width: int = 7,
+         digits: int = 2) -> str:
+    """'median / second' of row[key] (a summary() dict), for a table cell."""
+    s = row[key]
+    return f"{s['median']:{width}.{digits}f} / {s[second]:{width}.{digits}f}"
+
+
+def print_head(head: str) -> None:
+    """A table header and its rule."""
+    print(head)
+    print("-" * len(head))

@@ -16,10 +16,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from common import (
     Scratch,
+    cell,
     need_root,
+    print_head,
     spin_until_empty,
     summary,
     tree_script,
@@ -77,7 +80,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="agentd-bench-"))
     d = Daemon(root / "dev", extra=["--guardian-timeout", "30"]).start()
     scratch = Scratch()
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         for n in a.sizes:
             reps = a.reps or (1 if n >= 1000 else 3)
@@ -101,16 +104,12 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     head = (f"{'agents':>6} {'procs':>6} {'reps':>4} | {'estop client':>16} | "
             f"{'estop daemon':>16} | {'raw cgroup.kill':>16} | survivors")
-    print(head)
-    print("-" * len(head))
+    print_head(head)
     for r in rows:
-        def cell(key: str, r: dict[str, object] = r) -> str:
-            s = r[key]
-            assert isinstance(s, dict)
-            return f"{s['median']:7.1f} / {s['max']:6.1f}"
-        print(f"{r['agents']:>6} {int(r['agents']) * PER_AGENT:>6} {r['reps']:>4} | "  # type: ignore[call-overload]
-              f"{cell('estop_client_ms'):>16} | {cell('estop_daemon_ms'):>16} | "
-              f"{cell('raw_cgroup_kill_ms'):>16} | {r['survivors']}")
+        cells = [cell(r, k, "max", 6, 1)
+                 for k in ("estop_client_ms", "estop_daemon_ms", "raw_cgroup_kill_ms")]
+        print(f"{r['agents']:>6} {r['agents'] * PER_AGENT:>6} {r['reps']:>4} | "
+              + " | ".join(f"{c:>16}" for c in cells) + f" | {r['survivors']}")
     print("\ncells: median / max in ms, command (or first write) to every cgroup verified empty")
     print(f"wrote {write_json('estop', rows, a.out)}")
 

@@ -25,10 +25,13 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from common import (
     Scratch,
+    cell,
     need_root,
+    print_head,
     spin_until_empty,
     summary,
     tree_script,
@@ -174,22 +177,16 @@ def main() -> None:
     print(f"\nwrote {write_json('kill_latency', rows, a.out)}")
 
 
-def print_table(rows: list[dict[str, object]]) -> None:
-    head = (f"{'procs':>6} {'reps':>4} | {'agentd client':>18} | {'agentd daemon':>18} | "
-            f"{'raw cgroup.kill':>18} | {'naive kill -PGID':>18} | {'target':>7} | survivors a/r/n")
-    print(head)
-    print("-" * len(head))
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print_head(f"{'procs':>6} {'reps':>4} | {'agentd client':>18} | {'agentd daemon':>18} | "
+               f"{'raw cgroup.kill':>18} | {'naive kill -PGID':>18} | {'target':>7} | "
+               "survivors a/r/n")
     for r in rows:
-        def cell(key: str, r: dict[str, object] = r) -> str:
-            s = r[key]
-            assert isinstance(s, dict)
-            return f"{s['median']:7.2f} / {s['p99']:7.2f}"
+        cells = [cell(r, k) for k in ("agentd_client_ms", "agentd_daemon_ms",
+                                       "raw_cgroup_kill_ms", "naive_pgid_kill_ms")]
         surv = r["survivors"]
-        assert isinstance(surv, dict)
-        print(f"{r['processes']:>6} {r['reps']:>4} | {cell('agentd_client_ms'):>18} | "
-              f"{cell('agentd_daemon_ms'):>18} | {cell('raw_cgroup_kill_ms'):>18} | "
-              f"{cell('naive_pgid_kill_ms'):>18} | {r['target_ms']:7.2f} | "
-              f"{surv['agentd']}/{surv['raw']}/{surv['naive']}")
+        print(f"{r['processes']:>6} {r['reps']:>4} | " + " | ".join(f"{c:>18}" for c in cells)
+              + f" | {r['target_ms']:7.2f} | {surv['agentd']}/{surv['raw']}/{surv['naive']}")
     print("\ncells: median / p99 in ms; target = 1.5 x raw median + 1 ms "
           "(daemon-reported median must not exceed it)")
 

@@ -20,7 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Scratch, need_root, spin_until_empty, summary, write_json, write_kill
+from common import (
+    Scratch,
+    need_root,
+    print_head,
+    spin_until_empty,
+    summary,
+    write_json,
+    write_kill,
+)
 
 from tests.harness import Daemon
 
@@ -98,8 +106,7 @@ def main() -> None:
         row["raw_first_write_to_empty_ms"] = raw_baseline(int(row["agents"]))  # type: ignore[call-overload]
     head = (f"{'agents':>6} {'expired':>7} {'empty':>5} | {'deadline→kill written':>26} | "
             f"{'deadline→verified empty':>26} | {'raw: kill all→empty':>26} | target 50 ms")
-    print(head)
-    print("-" * len(head))
+    print_head(head)
     for r in rows:
         k, e, w = (r["deadline_to_kill_ms"], r["deadline_to_empty_ms"],
                    r["raw_first_write_to_empty_ms"])
