@@ -42,6 +42,8 @@ class _AgentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentState
     """its main process ended by itself"""
     AGENT_STATE_KILLED: _AgentState.ValueType  # 4
     """ended by a stop or kill"""
+    AGENT_STATE_FROZEN: _AgentState.ValueType  # 5
+    """every process stopped by the cgroup freezer"""
 
 class AgentState(_AgentState, metaclass=_AgentStateEnumTypeWrapper): ...
 
@@ -52,6 +54,8 @@ AGENT_STATE_EXITED: AgentState.ValueType  # 3
 """its main process ended by itself"""
 AGENT_STATE_KILLED: AgentState.ValueType  # 4
 """ended by a stop or kill"""
+AGENT_STATE_FROZEN: AgentState.ValueType  # 5
+"""every process stopped by the cgroup freezer"""
 Global___AgentState: _TypeAlias = AgentState  # noqa: Y015
 
 @_typing.final
@@ -128,6 +132,8 @@ class Command(_message.Message):
     RENEW_FIELD_NUMBER: _builtins.int
     ESTOP_FIELD_NUMBER: _builtins.int
     RESET_FIELD_NUMBER: _builtins.int
+    FREEZE_FIELD_NUMBER: _builtins.int
+    THAW_FIELD_NUMBER: _builtins.int
     command_id: _builtins.bytes
     """16 random bytes, never reused"""
     audience: _builtins.str
@@ -150,6 +156,10 @@ class Command(_message.Message):
     def estop(self) -> Global___EstopAction: ...
     @_builtins.property
     def reset(self) -> Global___ResetAction: ...
+    @_builtins.property
+    def freeze(self) -> Global___FreezeAction: ...
+    @_builtins.property
+    def thaw(self) -> Global___ThawAction: ...
     def __init__(
         self,
         *,
@@ -164,12 +174,14 @@ class Command(_message.Message):
         renew: Global___RenewAction | None = ...,
         estop: Global___EstopAction | None = ...,
         reset: Global___ResetAction | None = ...,
+        freeze: Global___FreezeAction | None = ...,
+        thaw: Global___ThawAction | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "estop", b"estop", "expires_at", b"expires_at", "issued_at", b"issued_at", "kill", b"kill", "renew", b"renew", "reset", b"reset", "run", b"run", "stop", b"stop"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "estop", b"estop", "expires_at", b"expires_at", "freeze", b"freeze", "issued_at", b"issued_at", "kill", b"kill", "renew", b"renew", "reset", b"reset", "run", b"run", "stop", b"stop", "thaw", b"thaw"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "audience", b"audience", "command_id", b"command_id", "estop", b"estop", "expires_at", b"expires_at", "issued_at", b"issued_at", "kill", b"kill", "reason", b"reason", "renew", b"renew", "reset", b"reset", "run", b"run", "stop", b"stop"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "audience", b"audience", "command_id", b"command_id", "estop", b"estop", "expires_at", b"expires_at", "freeze", b"freeze", "issued_at", b"issued_at", "kill", b"kill", "reason", b"reason", "renew", b"renew", "reset", b"reset", "run", b"run", "stop", b"stop", "thaw", b"thaw"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["run", "stop", "kill", "renew", "estop", "reset"]  # noqa: Y015
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["run", "stop", "kill", "renew", "estop", "reset", "freeze", "thaw"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
 
@@ -185,6 +197,8 @@ class RunAction(_message.Message):
     RESOURCES_FIELD_NUMBER: _builtins.int
     LEASE_MS_FIELD_NUMBER: _builtins.int
     MAX_RUNTIME_MS_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    OVERRIDES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     user: _builtins.str
     """empty: the daemon's default agent user"""
@@ -195,12 +209,19 @@ class RunAction(_message.Message):
     """
     max_runtime_ms: _builtins.int
     """Stopped when reached, whatever the lease. Unset or 0: no limit."""
+    policy: _builtins.str
+    """Sandbox profile by name (a policy file in the daemon's policy directory).
+    Empty: the daemon's default profile. A profile or overrides looser than
+    the default need a key with role admin and a non-empty reason.
+    """
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """argv[0] is looked up on the agent's PATH"""
 
     @_builtins.property
     def resources(self) -> Global___Resources: ...
+    @_builtins.property
+    def overrides(self) -> Global___PolicyOverrides: ...
     def __init__(
         self,
         *,
@@ -210,10 +231,12 @@ class RunAction(_message.Message):
         resources: Global___Resources | None = ...,
         lease_ms: _builtins.int | None = ...,
         max_runtime_ms: _builtins.int | None = ...,
+        policy: _builtins.str = ...,
+        overrides: Global___PolicyOverrides | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_lease_ms", b"_lease_ms", "_max_runtime_ms", b"_max_runtime_ms", "lease_ms", b"lease_ms", "max_runtime_ms", b"max_runtime_ms", "resources", b"resources"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_lease_ms", b"_lease_ms", "_max_runtime_ms", b"_max_runtime_ms", "lease_ms", b"lease_ms", "max_runtime_ms", b"max_runtime_ms", "overrides", b"overrides", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lease_ms", b"_lease_ms", "_max_runtime_ms", b"_max_runtime_ms", "argv", b"argv", "lease_ms", b"lease_ms", "max_runtime_ms", b"max_runtime_ms", "name", b"name", "resources", b"resources", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lease_ms", b"_lease_ms", "_max_runtime_ms", b"_max_runtime_ms", "argv", b"argv", "lease_ms", b"lease_ms", "max_runtime_ms", b"max_runtime_ms", "name", b"name", "overrides", b"overrides", "policy", b"policy", "resources", b"resources", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__lease_ms: _TypeAlias = _typing.Literal["lease_ms"]  # noqa: Y015
     _WhichOneofArgType__lease_ms: _TypeAlias = _typing.Literal["_lease_ms", b"_lease_ms"]  # noqa: Y015
@@ -225,6 +248,73 @@ class RunAction(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_runtime_ms) -> _WhichOneofReturnType__max_runtime_ms | None: ...
 
 Global___RunAction: _TypeAlias = RunAction  # noqa: Y015
+
+@_typing.final
+class PolicyOverrides(_message.Message):
+    """Per-run changes to single settings of the chosen profile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NETWORK_FIELD_NUMBER: _builtins.int
+    BIND_RO_FIELD_NUMBER: _builtins.int
+    BIND_RW_FIELD_NUMBER: _builtins.int
+    SCRATCH_BYTES_FIELD_NUMBER: _builtins.int
+    NOFILE_FIELD_NUMBER: _builtins.int
+    ENTRYPOINT_SHA256_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    network: _builtins.str
+    """"none" or "host" """
+    scratch_bytes: _builtins.int
+    """size cap of the private scratch directory"""
+    nofile: _builtins.int
+    """open files"""
+    entrypoint_sha256: _builtins.str
+    """pin: refuse the launch unless argv[0] hashes to this"""
+    @_builtins.property
+    def bind_ro(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """host paths, mounted read-only at the same path"""
+
+    @_builtins.property
+    def bind_rw(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """host paths, mounted read-write at the same path"""
+
+    @_builtins.property
+    def env(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """extra NAME=VALUE, within the profile's allowlist"""
+
+    def __init__(
+        self,
+        *,
+        network: _builtins.str | None = ...,
+        bind_ro: _abc.Iterable[_builtins.str] | None = ...,
+        bind_rw: _abc.Iterable[_builtins.str] | None = ...,
+        scratch_bytes: _builtins.int | None = ...,
+        nofile: _builtins.int | None = ...,
+        entrypoint_sha256: _builtins.str | None = ...,
+        env: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_entrypoint_sha256", b"_entrypoint_sha256", "_network", b"_network", "_nofile", b"_nofile", "_scratch_bytes", b"_scratch_bytes", "entrypoint_sha256", b"entrypoint_sha256", "network", b"network", "nofile", b"nofile", "scratch_bytes", b"scratch_bytes"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_entrypoint_sha256", b"_entrypoint_sha256", "_network", b"_network", "_nofile", b"_nofile", "_scratch_bytes", b"_scratch_bytes", "bind_ro", b"bind_ro", "bind_rw", b"bind_rw", "entrypoint_sha256", b"entrypoint_sha256", "env", b"env", "network", b"network", "nofile", b"nofile", "scratch_bytes", b"scratch_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__entrypoint_sha256: _TypeAlias = _typing.Literal["entrypoint_sha256"]  # noqa: Y015
+    _WhichOneofArgType__entrypoint_sha256: _TypeAlias = _typing.Literal["_entrypoint_sha256", b"_entrypoint_sha256"]  # noqa: Y015
+    _WhichOneofReturnType__network: _TypeAlias = _typing.Literal["network"]  # noqa: Y015
+    _WhichOneofArgType__network: _TypeAlias = _typing.Literal["_network", b"_network"]  # noqa: Y015
+    _WhichOneofReturnType__nofile: _TypeAlias = _typing.Literal["nofile"]  # noqa: Y015
+    _WhichOneofArgType__nofile: _TypeAlias = _typing.Literal["_nofile", b"_nofile"]  # noqa: Y015
+    _WhichOneofReturnType__scratch_bytes: _TypeAlias = _typing.Literal["scratch_bytes"]  # noqa: Y015
+    _WhichOneofArgType__scratch_bytes: _TypeAlias = _typing.Literal["_scratch_bytes", b"_scratch_bytes"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__entrypoint_sha256) -> _WhichOneofReturnType__entrypoint_sha256 | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__network) -> _WhichOneofReturnType__network | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__nofile) -> _WhichOneofReturnType__nofile | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__scratch_bytes) -> _WhichOneofReturnType__scratch_bytes | None: ...
+
+Global___PolicyOverrides: _TypeAlias = PolicyOverrides  # noqa: Y015
 
 @_typing.final
 class Resources(_message.Message):
@@ -337,6 +427,44 @@ class EstopAction(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EstopAction: _TypeAlias = EstopAction  # noqa: Y015
+
+@_typing.final
+class FreezeAction(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FreezeAction: _TypeAlias = FreezeAction  # noqa: Y015
+
+@_typing.final
+class ThawAction(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ThawAction: _TypeAlias = ThawAction  # noqa: Y015
 
 @_typing.final
 class ResetAction(_message.Message):
@@ -631,6 +759,8 @@ class Agent(_message.Message):
     MAX_RUNTIME_MS_FIELD_NUMBER: _builtins.int
     END_REASON_FIELD_NUMBER: _builtins.int
     OOM_KILLS_FIELD_NUMBER: _builtins.int
+    SIGNALS_FIELD_NUMBER: _builtins.int
+    SANDBOX_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     id: _builtins.str
     """unique per launch"""
@@ -673,6 +803,14 @@ class Agent(_message.Message):
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def resources(self) -> Global___Resources: ...
+    @_builtins.property
+    def signals(self) -> Global___AgentSignals:
+        """Sampled by the daemon from cgroupfs and /proc, never reported by the agent."""
+
+    @_builtins.property
+    def sandbox(self) -> Global___Sandbox:
+        """The sandbox as requested, and as verified from outside after launch."""
+
     def __init__(
         self,
         *,
@@ -699,10 +837,12 @@ class Agent(_message.Message):
         max_runtime_ms: _builtins.int = ...,
         end_reason: _builtins.str = ...,
         oom_kills: _builtins.int = ...,
+        signals: Global___AgentSignals | None = ...,
+        sandbox: Global___Sandbox | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_exit_signal", b"_exit_signal", "_lease_remaining_ms", b"_lease_remaining_ms", "ended_at", b"ended_at", "exit_code", b"exit_code", "exit_signal", b"exit_signal", "lease_remaining_ms", b"lease_remaining_ms", "resources", b"resources", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_exit_signal", b"_exit_signal", "_lease_remaining_ms", b"_lease_remaining_ms", "ended_at", b"ended_at", "exit_code", b"exit_code", "exit_signal", b"exit_signal", "lease_remaining_ms", b"lease_remaining_ms", "resources", b"resources", "sandbox", b"sandbox", "signals", b"signals", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_exit_signal", b"_exit_signal", "_lease_remaining_ms", b"_lease_remaining_ms", "argv", b"argv", "cgroup_paths", b"cgroup_paths", "end_reason", b"end_reason", "ended_at", b"ended_at", "exit_code", b"exit_code", "exit_signal", b"exit_signal", "id", b"id", "lease_remaining_ms", b"lease_remaining_ms", "lease_ttl_ms", b"lease_ttl_ms", "main_pid", b"main_pid", "max_runtime_ms", b"max_runtime_ms", "memory_bytes", b"memory_bytes", "name", b"name", "oom_kills", b"oom_kills", "pids", b"pids", "resources", b"resources", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "stderr_log", b"stderr_log", "stdout_log", b"stdout_log", "uid", b"uid", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_exit_signal", b"_exit_signal", "_lease_remaining_ms", b"_lease_remaining_ms", "argv", b"argv", "cgroup_paths", b"cgroup_paths", "end_reason", b"end_reason", "ended_at", b"ended_at", "exit_code", b"exit_code", "exit_signal", b"exit_signal", "id", b"id", "lease_remaining_ms", b"lease_remaining_ms", "lease_ttl_ms", b"lease_ttl_ms", "main_pid", b"main_pid", "max_runtime_ms", b"max_runtime_ms", "memory_bytes", b"memory_bytes", "name", b"name", "oom_kills", b"oom_kills", "pids", b"pids", "resources", b"resources", "sandbox", b"sandbox", "signals", b"signals", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "stderr_log", b"stderr_log", "stdout_log", b"stdout_log", "uid", b"uid", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
@@ -718,6 +858,269 @@ class Agent(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__lease_remaining_ms) -> _WhichOneofReturnType__lease_remaining_ms | None: ...
 
 Global___Agent: _TypeAlias = Agent  # noqa: Y015
+
+@_typing.final
+class Sandbox(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    SCRATCH_BYTES_FIELD_NUMBER: _builtins.int
+    ENTRYPOINT_SHA256_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    policy: _builtins.str
+    network: _builtins.str
+    user: _builtins.str
+    """a named user, or "dynamic:UID" """
+    scratch_bytes: _builtins.int
+    entrypoint_sha256: _builtins.str
+    """what argv[0] hashed to at launch"""
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RestrictionCheck]:
+        """each restriction, verified from outside"""
+
+    def __init__(
+        self,
+        *,
+        policy: _builtins.str = ...,
+        network: _builtins.str = ...,
+        user: _builtins.str = ...,
+        scratch_bytes: _builtins.int = ...,
+        entrypoint_sha256: _builtins.str = ...,
+        checks: _abc.Iterable[Global___RestrictionCheck] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "entrypoint_sha256", b"entrypoint_sha256", "network", b"network", "policy", b"policy", "scratch_bytes", b"scratch_bytes", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Sandbox: _TypeAlias = Sandbox  # noqa: Y015
+
+@_typing.final
+class RestrictionCheck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """e.g. "capabilities", "seccomp", "network namespace" """
+    ok: _builtins.bool
+    detail: _builtins.str
+    """what the kernel showed"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        ok: _builtins.bool = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "name", b"name", "ok", b"ok"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestrictionCheck: _TypeAlias = RestrictionCheck  # noqa: Y015
+
+@_typing.final
+class AgentSignals(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAMPLED_AT_FIELD_NUMBER: _builtins.int
+    UPTIME_S_FIELD_NUMBER: _builtins.int
+    PROCESSES_STARTED_FIELD_NUMBER: _builtins.int
+    PROCESSES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    RECENT_COMMANDS_FIELD_NUMBER: _builtins.int
+    CPU_SECONDS_FIELD_NUMBER: _builtins.int
+    CPU_PERCENT_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    PIDS_FIELD_NUMBER: _builtins.int
+    SOCKETS_OPEN_FIELD_NUMBER: _builtins.int
+    CONNECTIONS_FIELD_NUMBER: _builtins.int
+    REMOTE_ADDRESSES_FIELD_NUMBER: _builtins.int
+    FILES_WRITTEN_FIELD_NUMBER: _builtins.int
+    OOM_KILLS_FIELD_NUMBER: _builtins.int
+    TRIPWIRE_HITS_FIELD_NUMBER: _builtins.int
+    uptime_s: _builtins.float
+    processes_started: _builtins.int
+    """new pids seen in the cgroup since launch"""
+    processes_per_second: _builtins.float
+    """over the last sampling window"""
+    cpu_seconds: _builtins.float
+    """cpu.stat usage_usec"""
+    cpu_percent: _builtins.float
+    """over the last sampling window (100 = one CPU)"""
+    memory_bytes: _builtins.int
+    pids: _builtins.int
+    sockets_open: _builtins.int
+    """socket fds held by the agent's processes"""
+    connections: _builtins.int
+    """TCP/UDP sockets connecting or connected (not listening)"""
+    oom_kills: _builtins.int
+    tripwire_hits: _builtins.int
+    @_builtins.property
+    def sampled_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def recent_commands(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """command lines of recently started processes"""
+
+    @_builtins.property
+    def remote_addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def files_written(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """files open for writing outside allowed paths"""
+
+    def __init__(
+        self,
+        *,
+        sampled_at: _timestamp_pb2.Timestamp | None = ...,
+        uptime_s: _builtins.float = ...,
+        processes_started: _builtins.int = ...,
+        processes_per_second: _builtins.float = ...,
+        recent_commands: _abc.Iterable[_builtins.str] | None = ...,
+        cpu_seconds: _builtins.float = ...,
+        cpu_percent: _builtins.float = ...,
+        memory_bytes: _builtins.int = ...,
+        pids: _builtins.int = ...,
+        sockets_open: _builtins.int = ...,
+        connections: _builtins.int = ...,
+        remote_addresses: _abc.Iterable[_builtins.str] | None = ...,
+        files_written: _abc.Iterable[_builtins.str] | None = ...,
+        oom_kills: _builtins.int = ...,
+        tripwire_hits: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sampled_at", b"sampled_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "cpu_percent", b"cpu_percent", "cpu_seconds", b"cpu_seconds", "files_written", b"files_written", "memory_bytes", b"memory_bytes", "oom_kills", b"oom_kills", "pids", b"pids", "processes_per_second", b"processes_per_second", "processes_started", b"processes_started", "recent_commands", b"recent_commands", "remote_addresses", b"remote_addresses", "sampled_at", b"sampled_at", "sockets_open", b"sockets_open", "tripwire_hits", b"tripwire_hits", "uptime_s", b"uptime_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentSignals: _TypeAlias = AgentSignals  # noqa: Y015
+
+@_typing.final
+class EventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    BACKLOG_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    follow: _builtins.bool
+    """keep the stream open for new events"""
+    backlog: _builtins.int
+    """how many recent events first (0: none)"""
+    agent: _builtins.str
+    """only this agent's events (empty: all)"""
+    def __init__(
+        self,
+        *,
+        follow: _builtins.bool = ...,
+        backlog: _builtins.int = ...,
+        agent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "backlog", b"backlog", "follow", b"follow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventsRequest: _TypeAlias = EventsRequest  # noqa: Y015
+
+@_typing.final
+class Event(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    FIELDS_JSON_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    kind: _builtins.str
+    """lifecycle | command | rule | watchdog | daemon"""
+    type: _builtins.str
+    """e.g. agent_ended, lease_expired, tripwire"""
+    agent: _builtins.str
+    agent_id: _builtins.str
+    message: _builtins.str
+    """one line for humans"""
+    fields_json: _builtins.str
+    """the full record, JSON"""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        kind: _builtins.str = ...,
+        type: _builtins.str = ...,
+        agent: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        message: _builtins.str = ...,
+        fields_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "agent_id", b"agent_id", "at", b"at", "fields_json", b"fields_json", "kind", b"kind", "message", b"message", "seq", b"seq", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class LogsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    TAIL_BYTES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    follow: _builtins.bool
+    tail_bytes: _builtins.int
+    """0: the daemon's default (64 KiB)"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        follow: _builtins.bool = ...,
+        tail_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "name", b"name", "tail_bytes", b"tail_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogsRequest: _TypeAlias = LogsRequest  # noqa: Y015
+
+@_typing.final
+class LogChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    stream: _builtins.str
+    """"stdout" or "stderr" """
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        stream: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "stream", b"stream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogChunk: _TypeAlias = LogChunk  # noqa: Y015
 
 @_typing.final
 class KillResult(_message.Message):

@@ -79,6 +79,26 @@ class AgentdStub:
                 request_serializer=agentd_dot_v1_dot_agentd__pb2.Envelope.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_agentd__pb2.ResetResult.FromString,
                 _registered_method=True)
+        self.Freeze = channel.unary_unary(
+                '/agentd.v1.Agentd/Freeze',
+                request_serializer=agentd_dot_v1_dot_agentd__pb2.Envelope.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agentd__pb2.Agent.FromString,
+                _registered_method=True)
+        self.Thaw = channel.unary_unary(
+                '/agentd.v1.Agentd/Thaw',
+                request_serializer=agentd_dot_v1_dot_agentd__pb2.Envelope.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agentd__pb2.Agent.FromString,
+                _registered_method=True)
+        self.Events = channel.unary_stream(
+                '/agentd.v1.Agentd/Events',
+                request_serializer=agentd_dot_v1_dot_agentd__pb2.EventsRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agentd__pb2.Event.FromString,
+                _registered_method=True)
+        self.Logs = channel.unary_stream(
+                '/agentd.v1.Agentd/Logs',
+                request_serializer=agentd_dot_v1_dot_agentd__pb2.LogsRequest.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agentd__pb2.LogChunk.FromString,
+                _registered_method=True)
 
 
 class AgentdServicer:
@@ -150,6 +170,36 @@ class AgentdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Freeze(self, request, context):
+        """Signed. Freeze every process of the agent (cgroup freezer); answers once
+        the kernel reports it frozen. A frozen agent can still be killed at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Thaw(self, request, context):
+        """Signed. Thaw a frozen agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Events(self, request, context):
+        """Lifecycle, command, rule and watchdog events, as they happen (follow) or
+        the recent backlog only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Logs(self, request, context):
+        """An agent's captured stdout/stderr: the tail, then (follow) new output.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +247,26 @@ def add_AgentdServicer_to_server(servicer, server):
                     servicer.Reset,
                     request_deserializer=agentd_dot_v1_dot_agentd__pb2.Envelope.FromString,
                     response_serializer=agentd_dot_v1_dot_agentd__pb2.ResetResult.SerializeToString,
+            ),
+            'Freeze': grpc.unary_unary_rpc_method_handler(
+                    servicer.Freeze,
+                    request_deserializer=agentd_dot_v1_dot_agentd__pb2.Envelope.FromString,
+                    response_serializer=agentd_dot_v1_dot_agentd__pb2.Agent.SerializeToString,
+            ),
+            'Thaw': grpc.unary_unary_rpc_method_handler(
+                    servicer.Thaw,
+                    request_deserializer=agentd_dot_v1_dot_agentd__pb2.Envelope.FromString,
+                    response_serializer=agentd_dot_v1_dot_agentd__pb2.Agent.SerializeToString,
+            ),
+            'Events': grpc.unary_stream_rpc_method_handler(
+                    servicer.Events,
+                    request_deserializer=agentd_dot_v1_dot_agentd__pb2.EventsRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_agentd__pb2.Event.SerializeToString,
+            ),
+            'Logs': grpc.unary_stream_rpc_method_handler(
+                    servicer.Logs,
+                    request_deserializer=agentd_dot_v1_dot_agentd__pb2.LogsRequest.FromString,
+                    response_serializer=agentd_dot_v1_dot_agentd__pb2.LogChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,6 +512,114 @@ class Agentd:
             '/agentd.v1.Agentd/Reset',
             agentd_dot_v1_dot_agentd__pb2.Envelope.SerializeToString,
             agentd_dot_v1_dot_agentd__pb2.ResetResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Freeze(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/Freeze',
+            agentd_dot_v1_dot_agentd__pb2.Envelope.SerializeToString,
+            agentd_dot_v1_dot_agentd__pb2.Agent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Thaw(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/Thaw',
+            agentd_dot_v1_dot_agentd__pb2.Envelope.SerializeToString,
+            agentd_dot_v1_dot_agentd__pb2.Agent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Events(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentd.v1.Agentd/Events',
+            agentd_dot_v1_dot_agentd__pb2.EventsRequest.SerializeToString,
+            agentd_dot_v1_dot_agentd__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentd.v1.Agentd/Logs',
+            agentd_dot_v1_dot_agentd__pb2.LogsRequest.SerializeToString,
+            agentd_dot_v1_dot_agentd__pb2.LogChunk.FromString,
             options,
             channel_credentials,
             insecure,

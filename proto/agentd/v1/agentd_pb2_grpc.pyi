@@ -66,6 +66,18 @@ class AgentdStub:
     """
     Reset: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.Envelope, _agentd_pb2.ResetResult]
     """Signed by M distinct principals (config). Clears the latch; restarts nothing."""
+    Freeze: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.Envelope, _agentd_pb2.Agent]
+    """Signed. Freeze every process of the agent (cgroup freezer); answers once
+    the kernel reports it frozen. A frozen agent can still be killed at once.
+    """
+    Thaw: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.Envelope, _agentd_pb2.Agent]
+    """Signed. Thaw a frozen agent."""
+    Events: _grpc.UnaryStreamMultiCallable[_agentd_pb2.EventsRequest, _agentd_pb2.Event]
+    """Lifecycle, command, rule and watchdog events, as they happen (follow) or
+    the recent backlog only.
+    """
+    Logs: _grpc.UnaryStreamMultiCallable[_agentd_pb2.LogsRequest, _agentd_pb2.LogChunk]
+    """An agent's captured stdout/stderr: the tail, then (follow) new output."""
 
 @_typing.type_check_only
 class AgentdAsyncStub(AgentdStub):
@@ -96,6 +108,18 @@ class AgentdAsyncStub(AgentdStub):
     """
     Reset: _aio.UnaryUnaryMultiCallable[_agentd_pb2.Envelope, _agentd_pb2.ResetResult]  # type: ignore[assignment]
     """Signed by M distinct principals (config). Clears the latch; restarts nothing."""
+    Freeze: _aio.UnaryUnaryMultiCallable[_agentd_pb2.Envelope, _agentd_pb2.Agent]  # type: ignore[assignment]
+    """Signed. Freeze every process of the agent (cgroup freezer); answers once
+    the kernel reports it frozen. A frozen agent can still be killed at once.
+    """
+    Thaw: _aio.UnaryUnaryMultiCallable[_agentd_pb2.Envelope, _agentd_pb2.Agent]  # type: ignore[assignment]
+    """Signed. Thaw a frozen agent."""
+    Events: _aio.UnaryStreamMultiCallable[_agentd_pb2.EventsRequest, _agentd_pb2.Event]  # type: ignore[assignment]
+    """Lifecycle, command, rule and watchdog events, as they happen (follow) or
+    the recent backlog only.
+    """
+    Logs: _aio.UnaryStreamMultiCallable[_agentd_pb2.LogsRequest, _agentd_pb2.LogChunk]  # type: ignore[assignment]
+    """An agent's captured stdout/stderr: the tail, then (follow) new output."""
 
 class AgentdServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -177,5 +201,41 @@ class AgentdServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agentd_pb2.ResetResult, _abc.Awaitable[_agentd_pb2.ResetResult]]:
         """Signed by M distinct principals (config). Clears the latch; restarts nothing."""
+
+    @_abc_1.abstractmethod
+    def Freeze(
+        self,
+        request: _agentd_pb2.Envelope,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.Agent, _abc.Awaitable[_agentd_pb2.Agent]]:
+        """Signed. Freeze every process of the agent (cgroup freezer); answers once
+        the kernel reports it frozen. A frozen agent can still be killed at once.
+        """
+
+    @_abc_1.abstractmethod
+    def Thaw(
+        self,
+        request: _agentd_pb2.Envelope,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.Agent, _abc.Awaitable[_agentd_pb2.Agent]]:
+        """Signed. Thaw a frozen agent."""
+
+    @_abc_1.abstractmethod
+    def Events(
+        self,
+        request: _agentd_pb2.EventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agentd_pb2.Event], _abc.AsyncIterator[_agentd_pb2.Event]]:
+        """Lifecycle, command, rule and watchdog events, as they happen (follow) or
+        the recent backlog only.
+        """
+
+    @_abc_1.abstractmethod
+    def Logs(
+        self,
+        request: _agentd_pb2.LogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agentd_pb2.LogChunk], _abc.AsyncIterator[_agentd_pb2.LogChunk]]:
+        """An agent's captured stdout/stderr: the tail, then (follow) new output."""
 
 def add_AgentdServicer_to_server(servicer: AgentdServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
