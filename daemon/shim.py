@@ -13,11 +13,17 @@ standard library, and as little of it as it can: -S skips site, -I ignores
 PYTHON* variables and the user's site directory.
 """
 
+import ctypes
 import json
 import os
 import resource
 import signal
 import sys
+
+# prctl(2) constants; ctypes is loaded while still root, before the user
+# drop (afterwards the interpreter's files may no longer be readable).
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_GET_NO_NEW_PRIVS = 39
 
 
 def _fail(status_fd: int, what: str, err: BaseException) -> None:
@@ -54,6 +60,15 @@ def main() -> None:
         if spec["uid"] != 0 and (os.getuid() == 0 or os.geteuid() == 0):
             raise OSError(1, "still root after setresuid")
 
+        # no_new_privs before the exec: nothing the agent (or bwrap) execs
+        # can gain privileges, setuid bits and file capabilities included.
+        if spec.get("no_new_privs"):
+            step = "set no_new_privs"
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or libc.prctl(
+                    _PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) != 1:
+                raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+
         # The daemon raised its own limit to watch many agents; agents get
         # the configured one, soft and hard alike, so they cannot raise it.
         step = "set RLIMIT_NOFILE"
@@ -69,9 +84,17 @@ def main() -> None:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
-        # Defence in depth: nothing of the daemon's but 0-2 reaches the agent.
-        os.closerange(3, status_fd)
-        os.closerange(status_fd + 1, 65536)
+        # Defence in depth: nothing of the daemon's but 0-2 reaches the agent,
+        # and the descriptors the spec hands to bwrap (its seccomp filter, its
+        # status pipe), which bwrap closes before it execs the agent.
+        keep = sorted({status_fd, *spec.get("keep_fds", [])})
+        low = 3
+        for fd in keep:
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 65536)
+        for fd in spec.get("keep_fds", []):
+            os.set_inheritable(fd, True)
 
         step = f"exec {spec['argv'][0]}"
         os.execvpe(spec["argv"][0], spec["argv"], spec["env"])  # noqa: S606 - no shell, by design

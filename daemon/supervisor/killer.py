@@ -46,10 +46,20 @@ def stop(agent: Agent, *, accepted_at: float, grace: float, verify_timeout: floa
     if agent.is_ended:
         return _already_ended(accepted_at)
     agent.kill_requested = True
+    if agent.state == State.FROZEN:
+        # Thawing it so that it could act on SIGTERM would let a suspect agent
+        # run again: a frozen agent is stopped by cgroup.kill alone.
+        before, out = _kill_and_verify(agent.cgroup, accepted_at, verify_timeout)
+        out.processes_killed = len(before)
+        return out
     agent.set_state(State.STOPPING)
     group = agent.cgroup
     at_term = set(pids_of(group))
-    group.signal_all(signal.SIGTERM)
+    # Not to bwrap's outer process, the agent's main pid: it would die of
+    # SIGTERM at once, and the daemon kills the rest of the cgroup when the
+    # main process exits, cutting the agent's grace period short. bwrap's
+    # init ignores SIGTERM anyway (pid_namespaces(7)).
+    group.signal_all(signal.SIGTERM, exclude=agent.helper_pids)
     if group.wait_empty(time.monotonic() + grace):
         return KillOutcome(
             processes_killed=len(at_term),

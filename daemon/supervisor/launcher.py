@@ -34,6 +34,8 @@ def spawn(
     env: dict[str, str],
     nofile: int,
     cwd: str = "/",
+    keep_fds: tuple[int, ...] = (),
+    no_new_privs: bool = False,
 ) -> Spawned:
     """Spawn argv as user inside cgroup. Raises LaunchFailed with the shim's reason.
 
@@ -41,7 +43,8 @@ def spawn(
     (no preexec_fn), so this is safe in the threaded daemon. The shim then
     joins the cgroups, drops privileges and execs; it reports failure
     through a close-on-exec pipe, so EOF with no message means the agent's
-    program is running.
+    program is running. keep_fds reach the exec'd program (bwrap's seccomp
+    filter and status pipe); no_new_privs sets PR_SET_NO_NEW_PRIVS first.
     """
     spec = {
         "cgroups": cgroup.procs_files(),
@@ -52,6 +55,8 @@ def spawn(
         "env": env,
         "cwd": cwd,
         "nofile": nofile,
+        "keep_fds": list(keep_fds),
+        "no_new_privs": no_new_privs,
     }
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -63,7 +68,7 @@ def spawn(
             stdout=out_w,
             stderr=err_w,
             close_fds=True,
-            pass_fds=(status_w,),
+            pass_fds=(status_w, *keep_fds),
             # Its own session: signals aimed at the daemon's terminal or
             # process group never reach the agent by accident.
             start_new_session=True,

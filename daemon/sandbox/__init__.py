@@ -1,0 +1,13 @@
+"""Agent sandboxes: policy profiles, the seccomp filter, bwrap's command line, outside checks.
+
+Layering: the supervisor calls this; this calls nothing above it. Each agent
+starts from nothing and is granted what its profile says (docs/sandbox.md):
+
+- policy.py   named profiles (TOML files plus the built-in ``default``), per-run
+              overrides, and which dimensions of a run are looser than the default;
+- seccomp.py  the syscall filter, compiled by libseccomp in the daemon and handed
+              to bwrap as BPF;
+- bwrap.py    the bubblewrap command line that builds the namespaces and mounts;
+- pin.py      argv[0] resolved and hashed by the daemon before launch;
+- verify.py   the restrictions read back from /proc and cgroupfs after launch.
+"""

@@ -1,0 +1,68 @@
+"""The agent's entrypoint, resolved and hashed by the daemon before launch."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+
+from daemon.errors import EntrypointMismatch, FailedPrecondition
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Entrypoint:
+    path: str  # argv[0] resolved on the agent's PATH
+    sha256: str  # "" when it could not be read (then it cannot be pinned either)
+    error: str = ""
+    missing: bool = False  # no such file: the agent could not be started either
+
+
+def resolve(argv0: str, path_env: str) -> Entrypoint:
+    """Find argv[0] as execvp(3) would on the agent's PATH and hash it, as root.
+
+    The file is opened once, and that descriptor is both checked (a regular
+    file) and hashed, so what is hashed is one file, not a path looked up
+    twice. Never raises: an unreadable entrypoint is reported in .error.
+    """
+    found = argv0 if "/" in argv0 else shutil.which(argv0, path=path_env)
+    if found is None:
+        return Entrypoint(path=argv0, sha256="", error="not found on the agent's PATH",
+                          missing=True)
+    try:
+        fd = os.open(found, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as err:
+        return Entrypoint(path=found, sha256="", error=err.strerror or str(err),
+                          missing=isinstance(err, FileNotFoundError))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return Entrypoint(path=found, sha256="", error="not a regular file")
+        h = hashlib.sha256()
+        while chunk := os.read(fd, _CHUNK):
+            h.update(chunk)
+    except OSError as err:
+        return Entrypoint(path=found, sha256="", error=err.strerror or str(err))
+    finally:
+        os.close(fd)
+    return Entrypoint(path=os.path.abspath(found), sha256=h.hexdigest())
+
+
+def check(entry: Entrypoint, pinned: str) -> None:
+    """Refuse the launch unless entry hashes to pinned ("" pins nothing).
+
+    Raises EntrypointMismatch naming both hashes, or FailedPrecondition when
+    a pinned entrypoint cannot be read.
+    """
+    if not pinned:
+        return
+    if not entry.sha256:
+        raise FailedPrecondition(
+            f"the entrypoint is pinned to sha256 {pinned}, but {entry.path} cannot be hashed: "
+            f"{entry.error}")
+    if entry.sha256 != pinned:
+        raise EntrypointMismatch(
+            f"entrypoint {entry.path} has sha256 {entry.sha256}, but the run is pinned to "
+            f"{pinned}; the program changed, or the pin is wrong")
