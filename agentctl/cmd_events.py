@@ -1,0 +1,90 @@
+"""`agentctl events`: what the daemon did and refused, recent or as it happens."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import UTC
+from typing import Any
+
+import click
+from agentd.v1 import agentd_pb2
+
+from agentctl.context import Settings, json_option, pass_settings, socket_option
+from agentctl.errors import AgentctlError, Interrupted
+from agentctl.render import to_dict
+
+DEFAULT_BACKLOG = 50
+MAX_BACKLOG = 10_000  # the daemon keeps this many
+
+
+def event_line(ev: agentd_pb2.Event) -> str:
+    """One line for people: ``2026-11-23 16:24:18Z  command   accepted kill rogue by alice``."""
+    when = ev.at.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return f"{when}  {ev.kind:<9} {ev.message}"
+
+
+def event_dict(ev: agentd_pb2.Event) -> dict[str, Any]:
+    """The event for --json: the proto's fields, with the audit record parsed as ``fields``."""
+    d = to_dict(ev)
+    raw = d.pop("fields_json", "") or "{}"
+    try:
+        d["fields"] = json.loads(raw)
+    except ValueError:
+        d["fields"] = {"unparsed": raw}
+    return d
+
+
+@click.command()
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new events until Ctrl-C.")
+@click.option(
+    "--backlog", type=click.IntRange(0, MAX_BACKLOG), default=DEFAULT_BACKLOG,
+    show_default=True, help="How many recent events to print first.",
+)
+@click.option("--agent", metavar="NAME", default="",
+              help="Only events of this agent (its name or id).")
+@socket_option
+@json_option
+@pass_settings
+def events(settings: Settings, *, follow: bool, backlog: int, agent: str) -> None:
+    """Print the daemon's recent events; with -f, new ones as they happen.
+
+    Kinds: lifecycle (agents ending, daemon start and stop), command (signed
+    commands accepted or refused, and their results), rule (tripwires,
+    detector verdicts), watchdog (lease expiries, the guardian, a broken
+    audit chain), daemon (anything else). Every event is a record of the
+    audit log; the daemon keeps the last 10,000 in memory. A reader too slow
+    to keep up sees an events_dropped event saying how many it missed.
+
+    With --json: one JSON object per line, the audit record under "fields".
+    """
+    printed = False
+    stream = settings.client().events(follow=follow, backlog=backlog, agent=agent)
+    try:
+        for ev in stream:
+            if settings.json:
+                click.echo(json.dumps(event_dict(ev), sort_keys=True))
+            else:
+                click.echo(event_line(ev))
+            printed = True
+    except KeyboardInterrupt:
+        # The normal way to stop following: no message beyond the status.
+        err = Interrupted("interrupted")
+        err.result_printed = True
+        raise err from None
+    except BrokenPipeError:
+        # `agentctl events -f | head`: the reader left; so do we, quietly.
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except AgentctlError as err:
+        # A JSON error document after JSON lines would break a line reader.
+        err.result_printed = printed
+        raise
+    finally:
+        stream.close()
+
+
+COMMANDS = (events,)

@@ -1,0 +1,1 @@
+"""Watching agents from outside: kernel-observed signals, output tripwires, events, metrics."""

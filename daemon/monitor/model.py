@@ -1,0 +1,28 @@
+"""What the daemon observes of an agent, from cgroupfs and /proc. Never from the agent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Signals:
+    """One sample of an agent's kernel-observed signals (mirrors agentd.v1.AgentSignals)."""
+
+    sampled_at: float = 0.0  # wall clock
+    uptime_s: float = 0.0
+    processes_started: int = 0  # new pids seen in the cgroup since launch
+    processes_per_second: float = 0.0  # over the last sampling window
+    recent_commands: list[str] = field(default_factory=list)
+    cpu_seconds: float = 0.0
+    cpu_percent: float = 0.0  # over the last window; 100 = one CPU
+    memory_bytes: int = 0
+    pids: int = 0
+    sockets_open: int = 0
+    connections: int = 0  # TCP/UDP sockets connecting or connected, not listening
+    remote_addresses: list[str] = field(default_factory=list)
+    files_written: list[str] = field(default_factory=list)  # open for writing, outside allowed
+    oom_kills: int = 0
+    tripwire_hits: int = 0
+    # Commands (argv[0] paths) executed since the last sample, for exec rules.
+    new_executables: list[str] = field(default_factory=list)

@@ -1,0 +1,173 @@
+"""The sampler against real cgroups and processes, without a daemon.
+
+End-to-end tests through the daemon and agentctl live in test_signals.py;
+these drive daemon.monitor.sampler.Sampler directly, for what is hard to
+arrange through the API: an execve in a known pid, processes vanishing
+mid-sample, listener failures, and the hand-over of tripwire hits.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.monitor.model import Signals
+from tests.harness import REPO, wait_for
+from tests.scratch_agents import ScratchAgent, ScratchAgents
+
+pytestmark = pytest.mark.root
+
+PY = sys.executable
+
+
+@pytest.fixture
+def scratch() -> Iterator[ScratchAgents]:
+    from tests.conftest import ROOT_REASON
+
+    if ROOT_REASON:
+        pytest.skip(ROOT_REASON)
+    s = ScratchAgents()
+    yield s
+    s.close()
+
+
+def _sample_until(scratch: ScratchAgents, agent: ScratchAgent, cond: object,
+                  timeout: float = 10.0) -> Signals:
+    sampler = scratch.sampler()
+
+    def ok() -> bool:
+        sampler.sweep()
+        return bool(cond(agent.signals))  # type: ignore[operator]
+
+    assert wait_for(ok, timeout, interval=0.05), agent.signals
+    return agent.signals
+
+
+def test_an_exec_in_a_known_pid_is_seen(scratch: ScratchAgents) -> None:
+    """A process that was sampled, then called execve(2): a new executable, not a new process."""
+    agent = scratch.spawn(["/bin/sh", "-c", "sleep 0.6; exec /bin/sleep 30"], name="execer")
+    sampler = scratch.sampler()
+    sampler.sweep()
+    first = agent.signals
+    assert first.processes_started >= 1
+    main = agent.proc.pid
+    # Wait for the exec; the shell's own sleep child comes and goes meanwhile.
+    assert wait_for(lambda: (sampler.sweep(), "/bin/sleep 30" in agent.signals.recent_commands)[1],
+                    10, interval=0.05), agent.signals
+    # Seen in the same pid, through /proc/PID/exe, in the sample that found it.
+    assert agent.signals.new_executables == ["/usr/bin/sleep"]
+    assert agent.cgroup.pids() == [main]
+
+
+def test_counts_children_and_their_command_lines(scratch: ScratchAgents) -> None:
+    agent = scratch.spawn(
+        [PY, str(REPO / "tests" / "hostile" / "spawn_children.py"), "4"], name="kids")
+    s = _sample_until(scratch, agent, lambda s: s.pids >= 5)
+    assert s.processes_started >= 5
+    assert s.processes_per_second > 0
+    for i in range(4):
+        assert any(f"signals-child-{i}" in c for c in s.recent_commands), s.recent_commands
+
+
+def test_processes_vanishing_mid_sample_are_tolerated(scratch: ScratchAgents) -> None:
+    """A fork storm: pids listed in cgroup.procs are gone by the time /proc is read."""
+    agent = scratch.spawn([PY, str(REPO / "tests" / "hostile" / "fork_storm.py")], name="storm")
+    sampler = scratch.sampler()
+    deadline = time.monotonic() + 2
+    sweeps = 0
+    while time.monotonic() < deadline:
+        sampler.sweep()  # raises on any unexpected /proc error
+        sweeps += 1
+    assert agent.signals.processes_started > 1
+    assert agent.signals.cpu_seconds > 0
+    assert sweeps > 5
+
+
+def test_signals_are_replaced_whole_and_tripwire_hits_carried(scratch: ScratchAgents) -> None:
+    agent = scratch.spawn(["/bin/sleep", "30"], name="still")
+    sampler = scratch.sampler()
+    sampler.sweep()
+    old = agent.signals
+    with agent.lock:
+        agent.signals.tripwire_hits = 3  # what the tripwire rules do, under the lock
+    sampler.sweep()
+    new = agent.signals
+    assert new is not old
+    assert new.tripwire_hits == 3
+    assert new.sampled_at >= old.sampled_at
+    assert new.pids == 1
+    assert new.processes_started == old.processes_started == 1
+
+
+def test_agents_being_killed_or_ended_are_not_sampled(scratch: ScratchAgents) -> None:
+    agent = scratch.spawn(["/bin/sleep", "30"], name="dying")
+    sampler = scratch.sampler()
+    agent.kill_requested = True
+    sampler.sweep()
+    assert agent.signals.sampled_at == 0.0
+    agent.kill_requested = False
+    agent.is_ended = True
+    assert sampler.sample(agent) is None
+    assert agent.signals.sampled_at == 0.0
+
+
+def test_a_failing_listener_never_stops_sampling(scratch: ScratchAgents,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    scratch.spawn(["/bin/sleep", "30"], name="listened")
+    sampler = scratch.sampler(interval_s=0.05)
+    seen: list[Signals] = []
+
+    def broken(a: object, s: Signals) -> None:
+        raise RuntimeError("rule bug")
+
+    sampler.add_listener(broken)  # type: ignore[arg-type]
+    sampler.add_listener(lambda a, s: seen.append(s))
+    with caplog.at_level(logging.ERROR, logger="daemon.monitor.sampler"):
+        sampler.start()
+        try:
+            assert wait_for(lambda: len(seen) >= 3, 10)
+        finally:
+            sampler.stop()
+    assert all(s.pids == 1 and s.processes_started == 1 for s in seen)
+    assert "rule bug" in caplog.text
+    assert not sampler._thread.is_alive()
+
+
+def test_sockets_files_and_cpu(scratch: ScratchAgents, tmp_path: Path) -> None:
+    """A root process here, so the written file may be anywhere the test owns."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        listener.settimeout(10)
+        port = listener.getsockname()[1]
+        out = tmp_path / "written.txt"
+        code = (
+            "import socket, time\n"
+            f"c = socket.create_connection(('127.0.0.1', {port}))\n"
+            f"f = open({str(out)!r}, 'w')\n"
+            "end = time.monotonic() + 30\n"
+            "while time.monotonic() < end: pass\n"
+        )
+        agent = scratch.spawn([PY, "-c", code], name="busy")
+        conn, _ = listener.accept()
+        with conn:
+            # tmp_path lives under /tmp: allow nothing, so it counts as outside.
+            sampler = scratch.sampler(allowed="/dev")
+
+            def seen() -> bool:
+                sampler.sweep()
+                return bool(agent.signals.connections and agent.signals.files_written
+                            and agent.signals.cpu_percent > 50)
+
+            assert wait_for(seen, 15, interval=0.2), agent.signals
+    s = agent.signals
+    assert f"127.0.0.1:{port}" in s.remote_addresses
+    assert str(out) in s.files_written
+    assert s.sockets_open >= 1
+    assert s.uptime_s > 0
