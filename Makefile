@@ -6,9 +6,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# OS packages: systemd-python builds against libsystemd; bubblewrap and
-# systemd-container serve the sandbox and the systemd tests.
-APT_PACKAGES := libsystemd-dev pkg-config python3-venv python3-dev gcc systemd-container
+# OS packages: systemd-python builds against libsystemd; bubblewrap (bwrap)
+# builds agents' sandboxes and libseccomp2 compiles their seccomp filter
+# (pyseccomp loads it); systemd-container serves the systemd tests.
+APT_PACKAGES := libsystemd-dev pkg-config python3-venv python3-dev gcc systemd-container \
+                bubblewrap libseccomp2
 STAMP  := $(VENV)/.installed
 
 .PHONY: help deps venv proto demo test test-fast lint typecheck check bench clean \
@@ -62,6 +64,9 @@ bench: $(STAMP) ## Benchmarks: kill latency, lease precision, estop (tables; JSO
 	$(PY) benchmarks/kill_latency.py
 	$(PY) benchmarks/lease_precision.py
 	$(PY) benchmarks/estop.py
+	$(PY) benchmarks/sampler_cost.py
+	$(PY) benchmarks/tripwire_throughput.py
+	$(PY) benchmarks/launch_latency.py
 
 # Deployment. The service's virtualenv is built on the OS's interpreter
 # (/usr/bin/python3), not on whichever python3 comes first in PATH (often a

@@ -18,8 +18,11 @@ import click
 
 from agentctl.cmd_agents import COMMANDS
 from agentctl.cmd_audit import audit
+from agentctl.cmd_events import events
 from agentctl.cmd_failsafe import COMMANDS as FAILSAFE_COMMANDS
 from agentctl.cmd_keys import keygen
+from agentctl.cmd_logs import logs
+from agentctl.cmd_monitor import COMMANDS as MONITOR_COMMANDS
 from agentctl.context import DEFAULT_SOCKET, Settings, emit_json
 from agentctl.errors import AgentctlError, Interrupted
 
@@ -113,7 +116,7 @@ def cli(ctx: click.Context, socket: Path, key: Path | None, json_output: bool) -
     ctx.call_on_close(settings.close)
 
 
-for _command in (keygen, *COMMANDS, *FAILSAFE_COMMANDS, audit):
+for _command in (keygen, *COMMANDS, *FAILSAFE_COMMANDS, *MONITOR_COMMANDS, events, logs, audit):
     cli.add_command(_command)
 
 

@@ -11,6 +11,7 @@ import errno
 import os
 import socket
 import stat
+from collections.abc import Generator
 from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
@@ -25,6 +26,8 @@ CONNECT_TIMEOUT_S = 5.0
 READ_DEADLINE_S = 10.0
 """Deadline of the read-only calls (Info, ListAgents, GetAgent)."""
 RUN_DEADLINE_S = 30.0
+LOGS_DEADLINE_S = 30.0
+"""Deadline of a log tail without --follow (a large --tail takes a while to send)."""
 KILL_DEADLINE_S = 30.0
 """Deadline of a kill; a stop gets its grace period on top."""
 DAEMON_DEFAULT_GRACE_S = 5.0
@@ -74,6 +77,48 @@ class Client:
         request = agentd_pb2.GetAgentRequest(name=name)
         return self._call(self.stub.GetAgent, request, READ_DEADLINE_S)
 
+    def events(
+        self, *, follow: bool, backlog: int, agent: str = ""
+    ) -> Generator[agentd_pb2.Event, None, None]:
+        """The daemon's recent events (up to *backlog*), then with *follow* new ones.
+
+        Following has no deadline: the stream lasts while the caller reads.
+        Closing the iterator (or an exception in the caller) cancels the call.
+        Raises AgentctlError; RESOURCE_EXHAUSTED when the daemon already
+        serves its maximum of event streams.
+        """
+        self._probe()
+        deadline = None if follow else READ_DEADLINE_S
+        request = agentd_pb2.EventsRequest(follow=follow, backlog=backlog, agent=agent)
+        call = self.stub.Events(request, timeout=deadline, wait_for_ready=True)
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.socket_path, deadline_s=deadline or 0.0) from err
+        finally:
+            call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
+
+    def logs(
+        self, name: str, *, follow: bool, tail_bytes: int = 0
+    ) -> Generator[agentd_pb2.LogChunk, None, None]:
+        """Agent *name*'s captured output: the tail (*tail_bytes*, 0 for the daemon's
+        default of 64 KiB) of stdout, then of stderr; with *follow*, new output
+        as it comes, until the agent has ended.
+
+        Following has no deadline. Closing the iterator cancels the call.
+        Raises AgentctlError (NotFound for an unknown agent).
+        """
+        self._probe()
+        deadline = None if follow else LOGS_DEADLINE_S
+        request = agentd_pb2.LogsRequest(name=name, follow=follow, tail_bytes=tail_bytes)
+        call = self.stub.Logs(request, timeout=deadline, wait_for_ready=True)
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise from_rpc_error(err, self.socket_path, deadline_s=deadline or 0.0) from err
+        finally:
+            call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
+
     # ---------------------------------------------------------------- signed
     def run(self, envelope: agentd_pb2.Envelope) -> agentd_pb2.Agent:
         """Send a signed run command; returns the launched agent."""
@@ -86,6 +131,14 @@ class Client:
     def kill(self, envelope: agentd_pb2.Envelope) -> agentd_pb2.KillResult:
         """Send a signed kill; returns once the daemon verified the cgroup empty (or gave up)."""
         return self._call(self.stub.Kill, envelope, KILL_DEADLINE_S, signed=True)
+
+    def freeze(self, envelope: agentd_pb2.Envelope) -> agentd_pb2.Agent:
+        """Send a signed freeze; returns once the kernel reports the agent frozen."""
+        return self._call(self.stub.Freeze, envelope, RUN_DEADLINE_S, signed=True)
+
+    def thaw(self, envelope: agentd_pb2.Envelope) -> agentd_pb2.Agent:
+        """Send a signed thaw."""
+        return self._call(self.stub.Thaw, envelope, RUN_DEADLINE_S, signed=True)
 
     def renew(self, envelope: agentd_pb2.Envelope) -> agentd_pb2.LeaseResult:
         """Send a signed lease renewal."""

@@ -28,6 +28,7 @@ from agentctl.context import (
 )
 from agentctl.errors import KillIncomplete
 from agentctl.params import CPUS, DURATION, SIZE
+from agentctl.sandbox_opts import SandboxOptions, sandbox_options
 from agentctl.signer import load_key
 
 _UINT32_MAX = 2**32 - 1
@@ -83,15 +84,21 @@ def status(settings: Settings, name: str) -> None:
               help="Dead-man's switch: killed unless renewed within this time "
                    "(agentctl keepalive) [default: the daemon's].")
 @click.option("--max-runtime", type=DURATION, help="Stopped when it has run this long.")
+@sandbox_options
 @signing_options
 @click.argument("argv", nargs=-1, required=True, metavar="-- CMD [ARGS]...")
 @pass_settings
 def run(
     settings: Settings, *, name: str, user: str, memory: int | None, pids: int | None,
     cpus: int | None, lease: float | None, max_runtime: float | None, argv: tuple[str, ...],
-    sign: SignOptions,
+    sign: SignOptions, sandbox: SandboxOptions,
 ) -> None:
-    """Launch CMD as agent NAME in its own cgroup (signed)."""
+    """Launch CMD as agent NAME in its own cgroup and sandbox (signed).
+
+    The sandbox starts from nothing: the daemon's policy grants what the agent
+    gets; anything looser than the default profile needs an admin's signature
+    and --reason.
+    """
     if lease is not None and not 0 < round(lease * 1000) <= _UINT32_MAX:
         raise click.BadParameter("must be between 1ms and 49 days", param_hint="'--lease'")
 
@@ -105,6 +112,7 @@ def run(
             cmd.run.lease_ms = round(lease * 1000)
         if max_runtime is not None:
             cmd.run.max_runtime_ms = round(max_runtime * 1000)
+        sandbox.fill(cmd.run)
 
     env = build_envelope(settings, sign, action)
     if env is not None:
@@ -147,6 +155,40 @@ def kill(settings: Settings, *, name: str, sign: SignOptions) -> None:
 
 
 @click.command()
+@click.argument("name")
+@signing_options
+@pass_settings
+def freeze(settings: Settings, *, name: str, sign: SignOptions) -> None:
+    """Freeze every process of agent NAME where it stands (signed); kill stays instant.
+
+    The normal path for a suspicious agent: freeze, inspect (status, logs),
+    then kill or thaw.
+    """
+
+    def action(cmd: agentd_pb2.Command) -> None:
+        cmd.freeze.name = name
+
+    env = build_envelope(settings, sign, action)
+    if env is not None:
+        _print_agent(settings, settings.client().freeze(env))
+
+
+@click.command()
+@click.argument("name")
+@signing_options
+@pass_settings
+def thaw(settings: Settings, *, name: str, sign: SignOptions) -> None:
+    """Let a frozen agent NAME run again (signed; operator or admin)."""
+
+    def action(cmd: agentd_pb2.Command) -> None:
+        cmd.thaw.name = name
+
+    env = build_envelope(settings, sign, action)
+    if env is not None:
+        _print_agent(settings, settings.client().thaw(env))
+
+
+@click.command()
 @click.argument("file", type=click.File("r"), metavar="FILE")
 @socket_option
 @json_option
@@ -175,11 +217,15 @@ def send(settings: Settings, file: IO[str]) -> None:
         report_estop(settings, client.estop(env))
     elif action == "reset":
         report_reset(settings, client.reset(env))
+    elif action == "freeze":
+        _print_agent(settings, client.freeze(env))
+    elif action == "thaw":
+        _print_agent(settings, client.thaw(env))
     else:
         raise click.BadParameter("the command holds no action agentd knows", param_hint="FILE")
 
 
-COMMANDS = (info, ps, status, run, stop, kill, send)
+COMMANDS = (info, ps, status, run, stop, kill, freeze, thaw, send)
 
 
 # ---------------------------------------------------------------- helpers

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shlex
 import signal
+import textwrap
 from datetime import datetime
 from typing import Any
 
@@ -127,7 +128,58 @@ def agent_text(agent: agentd_pb2.Agent, now: datetime) -> str:
         ("stderr log", agent.stderr_log or "-"),
         ("started by", agent.started_by or "-"),
     ]
-    return _fields(rows)
+    if agent.HasField("sandbox"):
+        rows.append(("sandbox", sandbox_text(agent.sandbox)))
+    rows.append(("signals", _sampled_text(agent, now)))
+    text = _fields(rows)
+    if agent.signals.sampled_at.seconds:
+        text += "\n" + textwrap.indent(signals_text(agent.signals), "  ")
+    return text
+
+
+def sandbox_text(sb: agentd_pb2.Sandbox) -> str:
+    """The sandbox asked for, then each restriction as the daemon read it back at launch."""
+    failed = sum(1 for c in sb.checks if not c.ok)
+    lines = [
+        f"policy {sb.policy}: network {sb.network}, user {sb.user}, "
+        f"scratch {fmt.format_bytes(sb.scratch_bytes)}",
+        f"entrypoint sha256 {sb.entrypoint_sha256 or 'unknown'}",
+        f"checked from outside at launch: {len(sb.checks) - failed} ok"
+        + (f", {failed} FAILED" if failed else ""),
+    ]
+    width = max((len(c.name) for c in sb.checks), default=0)
+    lines += [f"{'ok' if c.ok else 'FAILED':<6}  {c.name:<{width}}  {c.detail}"
+              for c in sb.checks]
+    return "\n".join(lines)
+
+
+def _sampled_text(agent: agentd_pb2.Agent, now: datetime) -> str:
+    if not agent.signals.sampled_at.seconds:
+        return "not sampled yet"
+    when = _when(agent.signals.sampled_at, now)
+    if agent.ended_at.seconds:
+        return f"last sampled {when}, before it ended"
+    return f"sampled {when} by the daemon, from cgroupfs and /proc"
+
+
+def signals_text(s: agentd_pb2.AgentSignals) -> str:
+    """What the daemon last saw the agent do, one signal per line (the ``status`` block)."""
+    conns = f"{s.connections} connection" + ("" if s.connections == 1 else "s")
+    return _fields(
+        [
+            ("uptime", fmt.format_duration(s.uptime_s)),
+            ("processes started", f"{s.processes_started} ({s.processes_per_second:.1f}/s)"),
+            ("recent commands", "\n".join(s.recent_commands)),
+            ("cpu", f"{s.cpu_percent:.1f}% ({fmt.format_duration(s.cpu_seconds)} in all)"),
+            ("memory", fmt.format_bytes(s.memory_bytes)),
+            ("pids", str(s.pids)),
+            ("sockets", f"{s.sockets_open} open, {conns}"),
+            ("remote addresses", "\n".join(s.remote_addresses)),
+            ("files written", "\n".join(s.files_written)),
+            ("oom kills", str(s.oom_kills)),
+            ("tripwire hits", str(s.tripwire_hits)),
+        ]
+    )
 
 
 def _lease_text(agent: agentd_pb2.Agent) -> str:
@@ -140,30 +192,66 @@ def _lease_text(agent: agentd_pb2.Agent) -> str:
     return text
 
 
+def _uptime(a: agentd_pb2.Agent, now: datetime) -> str:
+    """How long it has run, or how long ago it ended (``ps`` and ``top``)."""
+    if not a.started_at.seconds:
+        return "-"
+    if a.ended_at.seconds:
+        ago = now - a.ended_at.ToDatetime(tzinfo=now.tzinfo)
+        return f"ended {fmt.format_duration(ago.total_seconds())} ago"
+    up = now - a.started_at.ToDatetime(tzinfo=now.tzinfo)
+    return fmt.format_duration(up.total_seconds())
+
+
 def agents_table(agents: list[agentd_pb2.Agent], now: datetime) -> str:
     """The ``ps`` table: NAME STATE PIDS MEM UPTIME USER ID."""
     rows = []
     for a in sorted(agents, key=lambda a: (a.name, a.started_at.seconds)):
-        if not a.started_at.seconds:
-            uptime = "-"
-        elif a.ended_at.seconds:
-            ago = now - a.ended_at.ToDatetime(tzinfo=now.tzinfo)
-            uptime = f"ended {fmt.format_duration(ago.total_seconds())} ago"
-        else:
-            up = now - a.started_at.ToDatetime(tzinfo=now.tzinfo)
-            uptime = fmt.format_duration(up.total_seconds())
         rows.append(
             [
                 a.name,
                 state_name(a.state),
                 str(len(a.pids)),
                 fmt.format_bytes(a.memory_bytes),
-                uptime,
+                _uptime(a, now),
                 a.user or "-",
                 a.id,
             ]
         )
     return fmt.table(["NAME", "STATE", "PIDS", "MEM", "UPTIME", "USER", "ID"], rows)
+
+
+def top_table(agents: list[agentd_pb2.Agent], now: datetime) -> str:
+    """The ``top`` table: NAME STATE PIDS CPU% MEM PROC/S SOCKS CONNS OOM UPTIME.
+
+    Running agents first, busiest first; then ended ones by name. PIDS and
+    MEM are read from cgroupfs when the daemon answered; the rest is the
+    daemon's last sample ("-" before the first one, and once ended).
+    """
+    def order(a: agentd_pb2.Agent) -> tuple[bool, float, str]:
+        return (bool(a.ended_at.seconds), -a.signals.cpu_percent, a.name)
+
+    rows = []
+    for a in sorted(agents, key=order):
+        s = a.signals
+        live = bool(s.sampled_at.seconds) and not a.ended_at.seconds
+        rows.append(
+            [
+                a.name,
+                state_name(a.state),
+                str(len(a.pids)),
+                f"{s.cpu_percent:.1f}" if live else "-",
+                fmt.format_bytes(a.memory_bytes),
+                f"{s.processes_per_second:.1f}" if live else "-",
+                str(s.sockets_open) if live else "-",
+                str(s.connections) if live else "-",
+                str(max(s.oom_kills, a.oom_kills)),
+                _uptime(a, now),
+            ]
+        )
+    return fmt.table(
+        ["NAME", "STATE", "PIDS", "CPU%", "MEM", "PROC/S", "SOCKS", "CONNS", "OOM", "UPTIME"],
+        rows)
 
 
 # ------------------------------------------------------------------- kills

@@ -15,6 +15,7 @@ accepts a head that lags).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from typing import Any, Self
 from agentd import auditchain
 
 from daemon.errors import AuditWriteError
+
+_log = logging.getLogger(__name__)
 
 # Enough of the old chain's problems to act on; the file itself keeps the rest.
 _MAX_PROBLEMS_RECORDED = 20
@@ -51,6 +54,15 @@ class AuditLog:
         self._head = (seq, head_hash)
         self._clock = clock
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def add_listener(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        """Call fn(record) after each durable append (events, metrics).
+
+        fn runs on the appending thread, outside the log's lock; it must be
+        quick and must not raise (an exception is logged and dropped).
+        """
+        self._listeners.append(fn)
 
     # ------------------------------------------------------------- opening
     @classmethod
@@ -105,7 +117,14 @@ class AuditLog:
             # Under the lock, so that heads are written in seq order and the
             # head file never goes backwards.
             self._sync_and_write_head()
-            return digest
+        if self._listeners:
+            record = {"seq": seq + 1, "ts": self._clock().timestamp(), "event": event, **fields}
+            for fn in self._listeners:
+                try:
+                    fn(record)
+                except Exception:
+                    _log.exception("audit listener failed")
+        return digest
 
     def _write_line(self, data: bytes) -> None:
         """Write one whole line; on failure, cut off any partial line."""

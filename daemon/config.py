@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -31,7 +32,14 @@ class Config:
     max_signatures: int = 8
 
     # Agents.
-    default_user: str = "nobody"
+    # "dynamic": a fresh uid per agent from dynamic_uid_min..max (like
+    # systemd's DynamicUser=); or the name of an unprivileged user.
+    default_user: str = "dynamic"
+    dynamic_uid_min: int = 61184
+    dynamic_uid_max: int = 65519
+    # Sandbox profiles, one NAME.toml each (docs/sandbox.md); default.toml
+    # replaces the built-in default profile.
+    policy_dir: Path = Path("/etc/agentd/policies")
     allow_root_agents: bool = False
     default_pids_max: int = 1024
     default_memory_bytes: int = 0
@@ -58,11 +66,36 @@ class Config:
     # heartbeats stop for this long, or the daemon dies. 0 turns it off.
     guardian_timeout_s: float = 5.0
 
+    # Monitoring: kernel-observed signals (daemon.monitor.sampler).
+    # How often every running agent is sampled, in seconds; 0: never.
+    sample_interval_s: float = 1.0
+    # Comma-separated absolute paths under which agents may write without
+    # it being reported as a file written outside scratch.
+    allowed_write_prefixes: str = "/scratch,/tmp,/var/tmp,/dev"
+
+    # Output tripwires (docs/tripwires.md). A TOML file of [[rule]] tables;
+    # "": the built-in starting list.
+    rules_file: str = ""
+    # Detector (docs/detectors.md): a command run as detector_user, fed agent
+    # output as JSON lines; "": none. It can never order more than
+    # detector_max_action (alert | freeze | kill).
+    detector_command: str = ""
+    detector_user: str = "nobody"
+    detector_max_action: str = "freeze"
+
     # cgroups.
     cgroup_mode: str = "auto"  # auto | v2 | hybrid
     cgroup_name: str = "agentd"
     # Testing only: behave as on a kernel without cgroup.kill.
     force_kill_fallback: bool = False
+    # Testing only (dev mode): leave one sandbox restriction out (seccomp,
+    # network or pid) so the checks from outside can be seen to catch it.
+    sandbox_test_omit: str = ""
+
+    # Prometheus metrics: "" (off), "HOST:PORT" or "unix:/ABSOLUTE/PATH".
+    metrics_listen: str = ""
+    # Allow a HOST that is not a loopback address (the metrics are unauthenticated).
+    metrics_allow_remote: bool = False
 
     dev: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -81,10 +114,10 @@ class Config:
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_PATH_FIELDS = {"socket_path", "state_dir", "trust_store", "audit_log"}
+_PATH_FIELDS = {"socket_path", "state_dir", "trust_store", "audit_log", "policy_dir"}
 
 
-def load(path: Path) -> Config:
+def load(path: Path, *, dev: bool = False) -> Config:
     """Read a TOML config file. Raises ConfigError naming the problem."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -92,10 +125,10 @@ def load(path: Path) -> Config:
         raise ConfigError(f"cannot read config {path}: {err.strerror}") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config {path} is not valid TOML: {err}") from err
-    return from_mapping(data, source=str(path))
+    return from_mapping(data, source=str(path), dev=dev)
 
 
-def from_mapping(data: dict[str, Any], *, source: str) -> Config:
+def from_mapping(data: dict[str, Any], *, source: str, dev: bool = False) -> Config:
     """Build a Config from parsed TOML, checking names and types. Raises ConfigError."""
     known = {f.name: f for f in fields(Config) if f.name not in ("dev", "extra")}
     values: dict[str, Any] = {}
@@ -124,7 +157,7 @@ def from_mapping(data: dict[str, Any], *, source: str) -> Config:
             if not isinstance(value, str):
                 raise ConfigError(f"{source}: {key} must be a string")
             values[key] = value
-    cfg = replace(defaults, **values)
+    cfg = replace(defaults, dev=dev, **values)
     check(cfg, source)
     return cfg
 
@@ -137,7 +170,7 @@ def dev(directory: Path, *, user: str | None = None, **overrides: Any) -> Config
     directory's.
     """
     d = directory.resolve()
-    base = load(d / "agentd.toml") if (d / "agentd.toml").exists() else Config()
+    base = load(d / "agentd.toml", dev=True) if (d / "agentd.toml").exists() else Config()
     # Its own cgroup subtree, named after its directory: a dev daemon sweeps
     # leftover cgroups at start, and must never sweep a deployed daemon's
     # ("agentd") or another dev daemon's.
@@ -149,6 +182,7 @@ def dev(directory: Path, *, user: str | None = None, **overrides: Any) -> Config
         state_dir=d / "state",
         trust_store=d / "trusted_keys",
         audit_log=d / "audit.log",
+        policy_dir=d / "policies",
         default_user=user or base.default_user,
         dev=True,
     )
@@ -169,8 +203,60 @@ def check(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: reset_signatures must be at least 1")
     if cfg.default_lease_s > cfg.max_lease_s:
         raise ConfigError(f"{source}: default_lease_s exceeds max_lease_s")
+    if cfg.rules_file and not cfg.rules_file.startswith("/"):
+        raise ConfigError(f"{source}: rules_file must be an absolute path")
+    if cfg.detector_max_action not in ("alert", "freeze", "kill"):
+        raise ConfigError(f"{source}: detector_max_action must be alert, freeze or kill")
+    if cfg.detector_user in ("root", "0"):
+        raise ConfigError(f"{source}: detector_user must not be root: a detector is trusted "
+                          "less than the daemon")
+    if any(not p.strip().startswith("/") for p in cfg.allowed_write_prefixes.split(",")
+           if p.strip()):
+        raise ConfigError(f"{source}: allowed_write_prefixes must list absolute paths")
+    metrics_address(cfg.metrics_listen, allow_remote=cfg.metrics_allow_remote, source=source)
+    if cfg.sandbox_test_omit and not cfg.dev:
+        raise ConfigError(f"{source}: sandbox_test_omit is for tests of a dev daemon only")
+    if cfg.sandbox_test_omit not in ("", "seccomp", "network", "pid"):
+        raise ConfigError(f"{source}: sandbox_test_omit must be seccomp, network or pid")
+    if not 0 < cfg.dynamic_uid_min <= cfg.dynamic_uid_max < 2**31 - 1:
+        raise ConfigError(f"{source}: dynamic_uid_min..dynamic_uid_max must be a non-empty "
+                          "range of non-root uids")
     if cfg.default_user == "root" and not cfg.allow_root_agents:
         raise ConfigError(
             f"{source}: default_user is root but allow_root_agents is false; "
             "agents never run as root unless the config says so"
         )
+
+
+def metrics_address(
+    value: str, *, allow_remote: bool, source: str
+) -> tuple[str, int] | Path | None:
+    """Where metrics are served: None (off), (host, port), or a Unix socket path.
+
+    The metrics endpoint has no authentication, so a TCP host must be a
+    loopback address unless allow_remote says otherwise. Raises ConfigError.
+    """
+    if not value:
+        return None
+    if value.startswith("unix:"):
+        path = Path(value.removeprefix("unix:"))
+        if not path.is_absolute():
+            raise ConfigError(f"{source}: metrics_listen {value!r}: the socket path must be "
+                              "absolute (unix:/run/agentd/metrics.sock)")
+        return path
+    host, sep, port_text = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"{source}: metrics_listen {value!r} is not HOST:PORT "
+                          "(127.0.0.1:9464) or unix:/PATH")
+    if not allow_remote:
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError(
+                f"{source}: metrics_listen {value!r} is not a loopback address; the metrics "
+                "endpoint has no authentication. Use 127.0.0.1 or ::1, or set "
+                "metrics_allow_remote = true if the network is trusted")
+    return host, int(port_text)

@@ -118,6 +118,30 @@ class LaunchFailed(FailedPrecondition):
     reason = "launch_failed"
 
 
+class SandboxNotApplied(LaunchFailed):
+    """A restriction the profile asked for was not found in place after launch; agent killed."""
+
+    reason = "sandbox_not_applied"
+
+
+class PolicyError(FailedPrecondition):
+    """A sandbox policy file is unusable; every run is refused until it is fixed."""
+
+    reason = "policy_invalid"
+
+
+class EntrypointMismatch(FailedPrecondition):
+    """argv[0] does not hash to the pinned sha256."""
+
+    reason = "entrypoint_mismatch"
+
+
+class SandboxEscalation(PermissionDenied):
+    """The run's sandbox is looser than the default and lacks an admin signature or a reason."""
+
+    reason = "sandbox_escalation"
+
+
 class AgentNotFound(AgentdError):
     code = grpc.StatusCode.NOT_FOUND
     reason = "agent_not_found"

@@ -17,13 +17,15 @@ from types import FrameType
 from agentd.v1 import agentd_pb2
 from systemd.daemon import notify as sd_notify
 
-from daemon import __version__, config, hostid
+from daemon import __version__, config, hostid, journal, metrics
 from daemon.api.server import serve, timestamp
 from daemon.audit import AuditLog
 from daemon.auth import Limits, ReplayCache, TrustStoreFile
 from daemon.cgroups.layout import discover
 from daemon.cgroups.tree import FALLBACK_METHOD, KILL_METHOD, AgentTree
 from daemon.errors import AgentdError, ConfigError
+from daemon.events import EventBus
+from daemon.monitor import rules as tripwire_rules
 from daemon.supervisor.core import Supervisor
 from daemon.supervisor.gate import CommandGate
 from daemon.supervisor.guardian_link import Guardian, import_reports
@@ -37,7 +39,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--config", type=Path, help="TOML configuration file")
     src.add_argument("--dev", type=Path, metavar="DIR",
                      help="zero-setup local daemon with everything under DIR")
-    p.add_argument("--user", help="(dev) user agents run as; default nobody")
+    p.add_argument("--user", help="(dev) user agents run as; default: a dynamic uid")
     p.add_argument("--cgroup-mode", choices=["auto", "v2", "hybrid"],
                    help="override the detected cgroup layout")
     p.add_argument("--cgroup-name", help="name of the daemon's cgroup subtree")
@@ -111,6 +113,12 @@ def run(cfg: config.Config) -> int:
     _prepare_dirs(cfg)
     host_id, created = hostid.load_or_create(cfg.state_dir, cfg.host_id)
     audit = AuditLog.open(cfg.audit_log)
+    # Listeners first: every later record of this run (leftover kills,
+    # daemon_start...) reaches the event bus, the metrics and the journal.
+    events = EventBus()
+    meters = metrics.Metrics()
+    for listener in (events.publish, meters.record, journal.log_audit_record):
+        audit.add_listener(listener)
     limits = Limits(
         max_envelope_bytes=cfg.max_envelope_bytes,
         max_signatures=cfg.max_signatures,
@@ -125,7 +133,9 @@ def run(cfg: config.Config) -> int:
     layout = discover(cfg.cgroup_mode)
     tree = AgentTree(layout, cfg.cgroup_name, force_fallback=cfg.force_kill_fallback)
     gate = CommandGate(trust=trust, replay=replay, audit=audit, host_id=host_id, limits=limits)
-    sup = Supervisor(cfg, tree, gate, audit)
+    rules = tripwire_rules.for_config(cfg.rules_file)
+    sup = Supervisor(cfg, tree, gate, audit, rules=rules)
+    meters.attach(sup)
     leftovers = sup.start()
     # Reports a guardian left when it killed agents of an earlier run.
     imported = import_reports(cfg.state_dir, audit)
@@ -165,7 +175,8 @@ def run(cfg: config.Config) -> int:
         cgroup_base=str(tree.base_v2), leftover_agents_killed=leftovers,
         replay_degraded_until=replay.degraded_until, guardian_imported_reports=imported,
     )
-    server = serve(sup, info, cfg.socket_path, cfg.socket_group)
+    server = serve(sup, info, cfg.socket_path, cfg.socket_group, events=events)
+    metrics_server = metrics.serve(meters, cfg)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -196,13 +207,15 @@ def run(cfg: config.Config) -> int:
         # Only now: the agents are dead, so the guardian may stand down.
         guardian.quit()
     audit.append("daemon_stop", pid=os.getpid(), agents_killed=killed)
+    if metrics_server is not None:
+        # Last: a scraper mid-request must not delay the agents' kills.
+        metrics_server.stop()
     log.info("agentd stopped; %d running agent(s) killed", killed)
     return 0
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="agentd: %(levelname)s %(message)s")
+    journal.configure_logging()
     try:
         a = _args(argv)
         cfg = _load_config(a)

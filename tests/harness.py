@@ -26,15 +26,22 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 REPO = Path(__file__).resolve().parent.parent
 # Agents run as an unprivileged user, who cannot read a Python under /root
 # (pyenv) or a checkout there: hostile programs use Debian's interpreter and
-# are copied to a world-readable directory.
+# are copied to a world-readable directory. That directory is under /srv,
+# which agents' sandboxes show read-only from the host; /tmp and /var/tmp are
+# private to each sandbox.
 AGENT_PYTHON = "/usr/bin/python3"
 CGROUP_PREFIX = "agentd-test-"
 HOSTILE_MARK = "agentd-hostile-"
+HOSTILE_PARENT = "/srv"
+# Every agent runs in a bwrap sandbox: bwrap's outer process (the agent's main
+# pid) and its init (pid 1 of the agent's PID namespace) live in the agent's
+# cgroup beside the agent's own processes, and count among them.
+SANDBOX_PROCS = 2
 
 
 def hostile_dir() -> Path:
-    """Copy tests/hostile/*.py to a fresh world-readable directory."""
-    d = Path(tempfile.mkdtemp(prefix=HOSTILE_MARK))
+    """Copy tests/hostile/*.py to a fresh world-readable directory an agent's sandbox shows."""
+    d = Path(tempfile.mkdtemp(prefix=HOSTILE_MARK, dir=HOSTILE_PARENT))
     os.chmod(d, 0o755)
     for src in (REPO / "tests" / "hostile").glob("*.py"):
         shutil.copy(src, d / src.name)
@@ -163,8 +170,17 @@ class Daemon:
     def run(self, name: str, argv: list[str], *, pids: int = 0, memory: int = 0,
             cpu_millis: int = 0, user: str = "", key: Ed25519PrivateKey | None = None,
             lease_ms: int | None = None, max_runtime_ms: int | None = None,
-            ) -> agentd_pb2.Agent:
-        cmd = self.command()
+            policy: str = "", overrides: agentd_pb2.PolicyOverrides | None = None,
+            reason: str = "test") -> agentd_pb2.Agent:
+        """Run argv as agent name, signed by key (default: the operator's).
+
+        policy and overrides choose its sandbox; anything looser than the
+        default profile needs key=self.keys.admin and a reason.
+        """
+        cmd = self.command(reason=reason)
+        cmd.run.policy = policy
+        if overrides is not None:
+            cmd.run.overrides.CopyFrom(overrides)
         if lease_ms is not None:
             cmd.run.lease_ms = lease_ms
         if max_runtime_ms is not None:
@@ -229,6 +245,27 @@ def v2_cgroup_of(pid: int) -> str | None:
     for line in text.splitlines():
         if line.startswith("0::"):
             return line[3:]
+    return None
+
+
+def host_pid(cgroup: str | Path, ns_pid: int) -> int | None:
+    """The host pid of the member of cgroup whose pid in its own PID namespace is ns_pid.
+
+    Sandboxed agents see their own PID namespace (pid_namespaces(7)); the last
+    field of NSpid in /proc/PID/status is the pid as they see it.
+    """
+    try:
+        members = pids_in(cgroup)
+    except OSError:  # ENODEV: the cgroup is being removed
+        return None
+    for pid in members:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("NSpid:") and line.split()[-1] == str(ns_pid):
+                return pid
     return None
 
 

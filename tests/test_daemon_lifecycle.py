@@ -11,7 +11,7 @@ import grpc
 import pytest
 from agentd.v1 import agentd_pb2
 
-from tests.harness import AGENT_PYTHON, Daemon, alive, pids_in, wait_for
+from tests.harness import AGENT_PYTHON, SANDBOX_PROCS, Daemon, alive, pids_in, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -25,7 +25,7 @@ def test_sigterm_to_the_daemon_kills_every_agent(fresh_daemon: Daemon, hostile: 
     agents = [d.run(f"a{i}", [AGENT_PYTHON, str(hostile / "daemonize.py")]) for i in range(3)]
     assert all(_ready(a) for a in agents)
     members = [p for a in agents for p in pids_in(a.cgroup_paths[0])]
-    assert len(members) == 6
+    assert len(members) == 3 * (2 + SANDBOX_PROCS)
     assert d.stop() == 0
     assert [p for p in members if alive(p)] == []
     events = [r["event"] for r in d.audit_records()]
@@ -52,7 +52,7 @@ def test_leftovers_of_a_dead_daemon_are_killed_at_start(fresh_daemon: Daemon,
     assert not Path(agent.cgroup_paths[0]).exists()
     leftover = [r for r in d.audit_records() if r["event"] == "leftover_agent_killed"]
     assert leftover and leftover[-1]["agent_id"] == agent.id
-    assert leftover[-1]["processes_killed"] == 2
+    assert leftover[-1]["processes_killed"] == 2 + SANDBOX_PROCS
     with pytest.raises(grpc.RpcError) as exc:
         d.get("orphan")
     assert exc.value.code() == grpc.StatusCode.NOT_FOUND
@@ -128,8 +128,9 @@ def test_kernel_facts_in_status(fresh_daemon: Daemon, hostile: Path) -> None:
     assert sorted(status.pids) == sorted(pids_in(agent.cgroup_paths[0]))
     assert status.main_pid in status.pids
     assert status.memory_bytes > 0
-    assert status.uid == 65534
-    assert Path(f"/proc/{status.main_pid}").stat().st_uid == 65534
+    # The default profile's dynamic user: a fresh uid from the reserved range.
+    assert 61184 <= status.uid <= 65519 and status.user == f"dynamic:{status.uid}"
+    assert Path(f"/proc/{status.main_pid}").stat().st_uid == status.uid
     assert status.started_at.seconds > 0
     assert status.state == agentd_pb2.AGENT_STATE_RUNNING
     d.kill("facts")
@@ -173,7 +174,7 @@ def test_fallback_kill_without_cgroup_kill(tmp_root: Path, hostile: Path, mode: 
         agent = d.run("daemoniser", [AGENT_PYTHON, str(hostile / "daemonize.py")])
         assert _ready(agent)
         result = d.stop_agent("daemoniser", grace_ms=200)
-        assert result.verified_empty and result.processes_killed == 2
+        assert result.verified_empty and result.processes_killed == 2 + SANDBOX_PROCS
     finally:
         d.stop()
 
@@ -198,8 +199,10 @@ def test_stuck_process_is_reported_not_waited_on(tmp_root: Path, hostile: Path) 
         assert wait_for(lambda: (freezer / "freezer.state").read_text().strip() == "FROZEN", 5)
         result = d.kill("frozen")
         assert not result.verified_empty
-        assert [s.pid for s in result.stuck] == [agent.main_pid]
-        assert result.stuck[0].state == "D"
+        # The agent and its sandbox's two bwrap processes, all frozen.
+        assert agent.main_pid in [s.pid for s in result.stuck]
+        assert len(result.stuck) == 1 + SANDBOX_PROCS
+        assert {s.state for s in result.stuck} == {"D"}
         assert d.stub.Info(agentd_pb2.InfoRequest(), timeout=5).host_id  # daemon responsive
         (freezer / "freezer.state").write_text("THAWED")
         assert wait_for(lambda: not alive(agent.main_pid), 5)

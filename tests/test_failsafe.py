@@ -16,7 +16,7 @@ import pytest
 from agentd import signing
 from agentd.v1 import agentd_pb2
 
-from tests.harness import AGENT_PYTHON, Daemon, alive, pids_in, wait_for
+from tests.harness import AGENT_PYTHON, SANDBOX_PROCS, Daemon, alive, pids_in, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -59,7 +59,7 @@ def test_unrenewed_lease_hard_kills_the_whole_tree(daemon: Daemon, hostile: Path
                        lease_ms=800)
     assert _ready(agent)
     members = pids_in(agent.cgroup_paths[0])
-    assert len(members) == 2
+    assert len(members) == 2 + SANDBOX_PROCS
     status = daemon.get(agent.name)
     assert status.lease_ttl_ms == 800 and 0 < status.lease_remaining_ms <= 800
     assert wait_for(lambda: daemon.get(agent.name).state == agentd_pb2.AGENT_STATE_KILLED, 10)
@@ -113,7 +113,8 @@ def test_max_runtime_stops_the_agent(fresh_daemon: Daemon) -> None:
     assert not alive(agent.main_pid)
     assert d.get("bounded").end_reason == "max_runtime"
     assert wait_for(lambda: bool(_events(d, "max_runtime_reached")), 5)
-    assert _events(d, "max_runtime_reached")[0]["terminated_by_sigterm"] == 1
+    # sleep ends on SIGTERM, and its sandbox (bwrap's two processes) with it.
+    assert _events(d, "max_runtime_reached")[0]["terminated_by_sigterm"] == 1 + SANDBOX_PROCS
 
 
 def test_required_lease(quorum_daemon: Daemon) -> None:
@@ -150,7 +151,7 @@ def test_estop_kills_everything_and_latches_across_restarts(quorum_daemon: Daemo
     members = [p for a in agents for p in pids_in(a.cgroup_paths[0])]
     result = _estop(d)
     assert result.latched and result.all_verified_empty
-    assert result.agents_killed == 3 and result.processes_killed == 6
+    assert result.agents_killed == 3 and result.processes_killed == 3 * (2 + SANDBOX_PROCS)
     assert [p for p in members if alive(p)] == []
     assert all(d.get(a.name).end_reason == "estop" for a in agents)
 

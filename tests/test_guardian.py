@@ -32,6 +32,7 @@ from tests.conftest import ROOT_REASON
 from tests.harness import (
     AGENT_PYTHON,
     CGROUP_PREFIX,
+    SANDBOX_PROCS,
     Daemon,
     alive,
     cgroup_v2_root,
@@ -97,7 +98,7 @@ def _run_hostile(d: Daemon, hostile: Path) -> tuple[list[agentd_pb2.Agent], list
     ]
     assert all(_ready(a) for a in agents)
     members = [p for a in agents for p in pids_in(a.cgroup_paths[0])]
-    assert len(members) == 5, members
+    assert len(members) == 5 + 3 * SANDBOX_PROCS, members
     return agents, members
 
 
@@ -117,7 +118,8 @@ def _check_report(report: dict[str, object], reason: str,
     assert sorted(c["name"] for c in cgroups) == sorted(a.id for a in agents)
     assert all(c["verified_empty"] for c in cgroups), cgroups
     by_name = {c["name"]: c["processes"] for c in cgroups}
-    assert [by_name[a.id] for a in agents] == [2, 2, 1]
+    assert [by_name[a.id] for a in agents] == [2 + SANDBOX_PROCS, 2 + SANDBOX_PROCS,
+                                               1 + SANDBOX_PROCS]
 
 
 # ------------------------------------------------------- with a real daemon
@@ -222,7 +224,9 @@ def test_agents_cannot_signal_the_guardian(guarded: Daemon, hostile: Path) -> No
     agent = d.run("signaller", [AGENT_PYTHON, str(hostile / "signal_pid.py"), str(guardian)])
     assert _ready(agent)
     lines = Path(agent.stdout_log).read_text().splitlines()[:-1]
-    assert lines == [f"{how} {sig} BLOCKED" for sig in ("SIGSTOP", "SIGTERM", "SIGKILL")
+    # In its own PID namespace the agent cannot even name the guardian's pid:
+    # kill(2) says ESRCH and pidfd_open(2) finds no such process.
+    assert lines == [f"{how} {sig} No such process" for sig in ("SIGSTOP", "SIGTERM", "SIGKILL")
                      for how in ("kill", "pidfd")]
     assert _guardian_pid(d) == guardian
     assert Path(f"/proc/{guardian}/stat").read_text().split(") ")[1][0] == "S"

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 from agentd.v1 import agentd_pb2
 
-from tests.harness import AGENT_PYTHON, Daemon, alive, pids_in, wait_for
+from tests.harness import (
+    AGENT_PYTHON,
+    SANDBOX_PROCS,
+    Daemon,
+    alive,
+    host_pid,
+    pids_in,
+    v2_cgroup_of,
+    wait_for,
+)
 
 pytestmark = pytest.mark.root
 _names = itertools.count()
@@ -24,15 +33,23 @@ def _name(prefix: str) -> str:
 
 def _launch(daemon: Daemon, hostile: Path, program: str, *args: str, pids: int = 0,
             min_procs: int = 1) -> tuple[agentd_pb2.Agent, list[int]]:
-    """Run a hostile program and wait until it says ready and has min_procs processes."""
+    """Run a hostile program; wait until it says ready and has min_procs processes of its own."""
     agent = daemon.run(_name(program.removesuffix(".py").replace("_", "-")),
                        [AGENT_PYTHON, str(hostile / program), *args], pids=pids)
     cg = agent.cgroup_paths[0]
     assert wait_for(lambda: "ready" in Path(agent.stdout_log).read_text(), 15), (
         f"{program} never became ready: {Path(agent.stderr_log).read_text()[-500:]}")
-    assert wait_for(lambda: len(pids_in(cg)) >= min_procs, 15), (
-        f"{program} has {len(pids_in(cg))} processes, expected {min_procs}")
+    assert not min_procs or wait_for(lambda: len(pids_in(cg)) >= min_procs + SANDBOX_PROCS, 15), (
+        f"{program} has {len(pids_in(cg))} processes, expected {min_procs} + the sandbox's")
     return agent, pids_in(cg)
+
+
+def _escaped(agent: agentd_pb2.Agent) -> int:
+    """The host pid of the daemoniser's escaped grandchild (it prints its sandbox pid)."""
+    ns_pid = int(Path(agent.stdout_log).read_text().split("escaped ")[1].split()[0])
+    pid = host_pid(agent.cgroup_paths[0], ns_pid)
+    assert pid is not None, f"no process with pid {ns_pid} in the agent's PID namespace"
+    return pid
 
 
 def _end(daemon: Daemon, name: str, action: str) -> agentd_pb2.KillResult:
@@ -68,7 +85,7 @@ def test_ignores_sigterm(daemon: Daemon, hostile: Path, action: str) -> None:
     agent, members = _launch(daemon, hostile, "ignore_term.py")
     result = _end(daemon, agent.name, action)
     _assert_gone(daemon, agent, members, result)
-    assert result.processes_killed == 1
+    assert result.processes_killed == 1 + SANDBOX_PROCS
     if action == "stop":
         # It ignored SIGTERM, so the grace period ran out and cgroup.kill did the work.
         assert result.terminated_by_sigterm == 0
@@ -78,12 +95,12 @@ def test_ignores_sigterm(daemon: Daemon, hostile: Path, action: str) -> None:
 @pytest.mark.parametrize("action", ACTIONS)
 def test_double_fork_setsid_daemoniser(daemon: Daemon, hostile: Path, action: str) -> None:
     agent, members = _launch(daemon, hostile, "daemonize.py", min_procs=2)
-    escaped = int(Path(agent.stdout_log).read_text().split("escaped ")[1].split()[0])
+    escaped = _escaped(agent)
     assert escaped in members, "the escaped daemon is still in the agent's cgroup"
     result = _end(daemon, agent.name, action)
     _assert_gone(daemon, agent, members, result)
     assert not alive(escaped)
-    assert result.processes_killed == 2
+    assert result.processes_killed == 2 + SANDBOX_PROCS
 
 
 @pytest.mark.parametrize("action", ACTIONS)
@@ -113,21 +130,25 @@ def test_child_changes_process_group_and_session(daemon: Daemon, hostile: Path,
     assert len(sessions) >= 2, "the hostile program did not change session"
     result = _end(daemon, agent.name, action)
     _assert_gone(daemon, agent, members, result)
-    assert result.processes_killed == 3
+    assert result.processes_killed == 3 + SANDBOX_PROCS
 
 
 def test_main_exits_leaving_an_escaped_daemon(daemon: Daemon, hostile: Path) -> None:
     """The main process exits after daemonising: the daemon kills what it left behind."""
     agent, _ = _launch(daemon, hostile, "daemonize.py", "exit", min_procs=0)
-    escaped = int(Path(agent.stdout_log).read_text().split("escaped ")[1].split()[0])
+    ns_pid = int(Path(agent.stdout_log).read_text().split("escaped ")[1].split()[0])
+    # None: the daemon had already killed it by the time the test looked.
+    escaped = host_pid(agent.cgroup_paths[0], ns_pid)
     assert wait_for(lambda: daemon.get(agent.name).state == agentd_pb2.AGENT_STATE_EXITED, 10)
-    assert wait_for(lambda: not alive(escaped), 5), "escaped grandchild outlived its agent"
+    assert escaped is None or wait_for(lambda: not alive(escaped), 5), (
+        "escaped grandchild outlived its agent")
     status = daemon.get(agent.name)
     assert status.exit_code == 0
     assert pids_in(agent.cgroup_paths[0]) == []
     ended = [r for r in daemon.audit_records()
              if r["event"] == "agent_ended" and r.get("agent_id") == agent.id]
-    assert ended and ended[0]["leftover_processes_killed"] == 1
+    # The escaped daemon, and bwrap's init, which was still reaping for it.
+    assert ended and ended[0]["leftover_processes_killed"] == 2
 
 
 def test_unprivileged_agent_cannot_escape_or_reach_the_daemon(daemon: Daemon,
@@ -144,7 +165,10 @@ def test_unprivileged_agent_cannot_escape_or_reach_the_daemon(daemon: Daemon,
                     "read-audit-log", "read-trust-store"):
         assert lines.get(attempt, "").startswith("BLOCKED"), f"{attempt}: {lines.get(attempt)}"
     own = "/" + str(Path(agent.cgroup_paths[0]).relative_to(cgroup_v2_root()))
-    assert lines["cgroup-after"].strip() == own
+    # Inside its cgroup namespace the agent's own cgroup reads as "/"; from
+    # outside, every one of its processes is still in it.
+    assert lines["cgroup-after"].strip() == "/"
+    assert {v2_cgroup_of(p) for p in pids_in(agent.cgroup_paths[0])} == {own}
     assert alive(daemon.pid)
     info = daemon.stub.Info(agentd_pb2.InfoRequest(), timeout=5)
     assert info.host_id == daemon.host_id

@@ -328,10 +328,11 @@ def test_daemon_and_agents_under_the_units_sandbox(deployed: Deployment) -> None
     assert stopped["terminated_by_sigterm"] >= 1, stopped
     assert stopped["duration_ms"] < 5000, stopped
     assert Path(f"/proc/{d.main_pid()}/root/proc/stat").exists()
-    # Agents keep the network and a shared, writable /tmp; they run as nobody
-    # and cannot gain privileges.
+    # Agents get their sandbox under the unit too (bwrap, unprivileged user
+    # namespaces): a dynamic uid, no_new_privs, the seccomp filter, loopback
+    # only, a private /tmp; and the daemon can check all of it from outside.
     probe = ("import os, socket; socket.socket(socket.AF_INET6).close(); "
-             "open(f'/tmp/agentd-probe-{os.getpid()}', 'w').close(); "
+             "open('/tmp/agentd-probe', 'w').close(); "
              "print(open('/proc/self/status').read())")
     d.ctl("run", "--name", "probe", "--", "/usr/bin/python3", "-c", probe)
     assert wait_for(lambda: d.ctl_json("status", "probe")["state"] != "AGENT_STATE_RUNNING",
@@ -339,9 +340,15 @@ def test_daemon_and_agents_under_the_units_sandbox(deployed: Deployment) -> None
     probed = d.ctl_json("status", "probe")
     status = d.inside(probed["stdout_log"]).read_text()
     assert probed.get("exit_code") == 0, d.inside(probed["stderr_log"]).read_text()
-    assert re.search(r"^Uid:\s+65534\s", status, re.M), status
+    assert re.search(rf"^Uid:\s+{probed['uid']}\s", status, re.M), status
+    assert probed["user"] == f"dynamic:{probed['uid']}"
     assert re.search(r"^NoNewPrivs:\s+1$", status, re.M), status
-    assert d.inside(f"/tmp/agentd-probe-{probed['main_pid']}").exists(), "/tmp is not shared"
+    assert re.search(r"^Seccomp:\s+2$", status, re.M), status
+    assert not d.inside("/tmp/agentd-probe").exists(), "/tmp is not private"
+    d.ctl("run", "--name", "sleeper", "--", "/bin/sleep", "1000")
+    checks = d.ctl_json("status", "sleeper")["sandbox"]["checks"]
+    assert checks and all(c["ok"] for c in checks), checks
+    d.ctl("kill", "sleeper")
 
 
 @needs_container

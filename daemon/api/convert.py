@@ -7,6 +7,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from daemon.cgroups.tree import AgentCgroup
 from daemon.errors import CgroupError
+from daemon.monitor.model import Signals
+from daemon.sandbox.verify import Report
 from daemon.supervisor.agent import Agent, State
 from daemon.supervisor.killer import KillOutcome
 
@@ -15,6 +17,7 @@ _STATES = {
     State.STOPPING: agentd_pb2.AGENT_STATE_STOPPING,
     State.EXITED: agentd_pb2.AGENT_STATE_EXITED,
     State.KILLED: agentd_pb2.AGENT_STATE_KILLED,
+    State.FROZEN: agentd_pb2.AGENT_STATE_FROZEN,
 }
 
 
@@ -58,7 +61,10 @@ def agent(a: Agent, lease_remaining_s: float | None = None) -> agentd_pb2.Agent:
         max_runtime_ms=a.max_runtime_ms,
         end_reason=a.end_reason if a.is_ended else "",
         oom_kills=a.oom_kills,
+        signals=signals(a.signals),
     )
+    if a.sandbox is not None:
+        msg.sandbox.CopyFrom(sandbox(a.sandbox))
     if lease_remaining_s is not None and not a.is_ended:
         msg.lease_remaining_ms = lease_remaining_s * 1e3
     if a.exit_code is not None:
@@ -67,6 +73,42 @@ def agent(a: Agent, lease_remaining_s: float | None = None) -> agentd_pb2.Agent:
         msg.exit_signal = a.exit_signal
     if a.ended_at is not None:
         msg.ended_at.CopyFrom(_ts(a.ended_at))
+    return msg
+
+
+def sandbox(r: Report) -> agentd_pb2.Sandbox:
+    """The sandbox as asked for, and each restriction as the daemon read it back at launch."""
+    return agentd_pb2.Sandbox(
+        policy=r.policy,
+        network=r.network,
+        user=r.user,
+        scratch_bytes=r.scratch_bytes,
+        entrypoint_sha256=r.entrypoint_sha256,
+        checks=[agentd_pb2.RestrictionCheck(name=c.name, ok=c.ok, detail=c.detail)
+                for c in r.checks],
+    )
+
+
+def signals(s: Signals) -> agentd_pb2.AgentSignals:
+    """The newest sample of an agent's kernel-observed signals; all zero before the first."""
+    msg = agentd_pb2.AgentSignals(
+        uptime_s=s.uptime_s,
+        processes_started=s.processes_started,
+        processes_per_second=s.processes_per_second,
+        recent_commands=s.recent_commands,
+        cpu_seconds=s.cpu_seconds,
+        cpu_percent=s.cpu_percent,
+        memory_bytes=s.memory_bytes,
+        pids=s.pids,
+        sockets_open=s.sockets_open,
+        connections=s.connections,
+        remote_addresses=s.remote_addresses,
+        files_written=s.files_written,
+        oom_kills=s.oom_kills,
+        tripwire_hits=s.tripwire_hits,
+    )
+    if s.sampled_at:
+        msg.sampled_at.CopyFrom(_ts(s.sampled_at))
     return msg
 
 

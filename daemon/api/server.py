@@ -9,8 +9,9 @@ from __future__ import annotations
 import grp
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import TypeVar
@@ -19,8 +20,9 @@ import grpc
 from agentd.v1 import agentd_pb2, agentd_pb2_grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from daemon.api import convert
+from daemon.api import convert, logs, standard
 from daemon.errors import AgentdError, InvalidArgument
+from daemon.events import RING_SIZE, Event, EventBus
 from daemon.supervisor.agent import Agent
 from daemon.supervisor.core import Supervisor
 
@@ -31,12 +33,25 @@ T = TypeVar("T")
 # oversized envelope reaches the verifier and gets a clear, audited refusal;
 # only absurd sizes are cut off by gRPC itself.
 GRPC_MAX_MESSAGE = 4 * 1024 * 1024
+# An Events stream holds a worker of the pool for its whole life; this many
+# at most, well under the pool's 64, so followers never starve a Kill.
+MAX_EVENT_STREAMS = 16
+# Log followers, likewise (agentctl logs -f); a tail alone is quick and not counted.
+MAX_LOG_FOLLOWERS = 16
+# How often a follower with nothing to send checks that its client is still there.
+EVENTS_POLL_S = 0.5
+AGENTD_SERVICE = agentd_pb2.DESCRIPTOR.services_by_name["Agentd"].full_name
 
 
 class Servicer(agentd_pb2_grpc.AgentdServicer):
-    def __init__(self, sup: Supervisor, info: Callable[[], agentd_pb2.InfoResponse]) -> None:
+    def __init__(self, sup: Supervisor, info: Callable[[], agentd_pb2.InfoResponse], *,
+                 events: EventBus, max_event_streams: int = MAX_EVENT_STREAMS) -> None:
         self.sup = sup
         self._info = info
+        self._events = events
+        self._event_slots = threading.BoundedSemaphore(max_event_streams)
+        self._max_event_streams = max_event_streams
+        self._log_slots = threading.BoundedSemaphore(MAX_LOG_FOLLOWERS)
 
     def _agent(self, a: Agent) -> agentd_pb2.Agent:
         return convert.agent(a, self.sup.enforcer.remaining(a, "lease"))
@@ -92,6 +107,16 @@ class Servicer(agentd_pb2_grpc.AgentdServicer):
 
         return self._call(context, go)
 
+    def Freeze(
+        self, request: agentd_pb2.Envelope, context: grpc.ServicerContext
+    ) -> agentd_pb2.Agent:
+        return self._call(context, lambda: self._agent(self.sup.freeze(request, frozen=True)))
+
+    def Thaw(
+        self, request: agentd_pb2.Envelope, context: grpc.ServicerContext
+    ) -> agentd_pb2.Agent:
+        return self._call(context, lambda: self._agent(self.sup.freeze(request, frozen=False)))
+
     def Renew(
         self, request: agentd_pb2.Envelope, context: grpc.ServicerContext
     ) -> agentd_pb2.LeaseResult:
@@ -132,6 +157,73 @@ class Servicer(agentd_pb2_grpc.AgentdServicer):
 
         return self._call(context, go)
 
+    def Events(
+        self, request: agentd_pb2.EventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[agentd_pb2.Event]:
+        """The backlog asked for, then (follow) new events until the client goes away.
+
+        A stream holds a worker for its whole life, so at most
+        max_event_streams run at once and the rest are refused at once
+        (RESOURCE_EXHAUSTED), never queued: followers must never take the
+        workers a Kill needs.
+        """
+        if not self._event_slots.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"agentd serves at most {self._max_event_streams} event streams at once and "
+                "all are in use; end a follower (agentctl events -f) or try again later")
+        try:
+            backlog = min(request.backlog, RING_SIZE)
+            with self._events.subscribe(backlog, request.agent or None,
+                                        follow=request.follow) as sub:
+                # Wake the wait as soon as the client goes away, not at the next poll.
+                context.add_callback(sub.close)
+                while context.is_active():
+                    event = sub.next(timeout=EVENTS_POLL_S)
+                    if event is not None:
+                        yield _event_message(event)
+                    elif sub.closed:
+                        return  # backlog only, or the daemon is stopping
+        except Exception:
+            log.exception("internal error in an event stream")
+            context.abort(grpc.StatusCode.INTERNAL, "internal error in agentd; see its log")
+        finally:
+            self._event_slots.release()
+
+    def Logs(
+        self, request: agentd_pb2.LogsRequest, context: grpc.ServicerContext
+    ) -> Iterator[agentd_pb2.LogChunk]:
+        """The tail of the agent's stdout and stderr, then (follow) new output until it ends.
+
+        Like event streams, at most MAX_LOG_FOLLOWERS follow at once; the
+        others are refused at once (RESOURCE_EXHAUSTED), never queued.
+        """
+        agent = self._call(context, lambda: self.sup.get(request.name))
+        if request.follow and not self._log_slots.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"agentd follows at most {MAX_LOG_FOLLOWERS} logs at once and all are in use; "
+                "end a follower (agentctl logs -f) or try again later")
+        try:
+            for name, data in logs.stream(agent, tail_bytes=request.tail_bytes,
+                                          follow=request.follow, active=context.is_active):
+                yield agentd_pb2.LogChunk(stream=name, data=data)
+        except AgentdError as err:
+            context.abort(err.code, err.message)
+        except Exception:
+            log.exception("internal error in a log stream")
+            context.abort(grpc.StatusCode.INTERNAL, "internal error in agentd; see its log")
+        finally:
+            if request.follow:
+                self._log_slots.release()
+
+
+def _event_message(e: Event) -> agentd_pb2.Event:
+    return agentd_pb2.Event(
+        seq=e.seq, at=timestamp(e.at), kind=e.kind, type=e.type, agent=e.agent,
+        agent_id=e.agent_id, message=e.message, fields_json=e.fields_json,
+    )
+
 
 def timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
@@ -167,9 +259,15 @@ def serve(
     info: Callable[[], agentd_pb2.InfoResponse],
     socket_path: Path,
     group_name: str,
+    *,
+    events: EventBus,
     workers: int = 64,
-) -> grpc.Server:
-    """Bind the control socket and start serving. The caller waits on the server."""
+) -> ApiServer:
+    """Bind the control socket and start serving. The caller waits on the server.
+
+    Besides agentd's own service: gRPC health checking (SERVING while the
+    enforcement loop ticks) and server reflection.
+    """
     gid = prepare_socket_dir(socket_path, group_name)
     server = grpc.server(
         # Stops wait out their grace period in a worker; a large pool keeps
@@ -180,7 +278,10 @@ def serve(
             ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
         ],
     )
-    agentd_pb2_grpc.add_AgentdServicer_to_server(Servicer(sup, info), server)
+    agentd_pb2_grpc.add_AgentdServicer_to_server(Servicer(sup, info, events=events), server)
+    health = standard.HealthWatch([AGENTD_SERVICE], lambda: sup.enforcer.last_tick)
+    health.add_to(server)
+    standard.add_reflection(server, [AGENTD_SERVICE, standard.HEALTH_SERVICE])
     # umask before bind: the socket is created with the final mode, never
     # briefly world-accessible.
     old = os.umask(0o117)
@@ -192,4 +293,27 @@ def serve(
     os.chmod(socket_path, 0o660)
     if gid is not None:
         os.chown(socket_path, 0, gid)
-    return server
+    health.start()
+    return ApiServer(server, health, events)
+
+
+class ApiServer:
+    """The running gRPC server, and what stops with it."""
+
+    def __init__(self, server: grpc.Server, health: standard.HealthWatch,
+                 events: EventBus) -> None:
+        """Made by :func:`serve`."""
+        self.server = server
+        self._health = health
+        self._events = events
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Stop serving, as grpc.Server.stop; the returned event is set once stopped.
+
+        First health turns NOT_SERVING and event streams end cleanly, so
+        followers do not hold the grace period (and the agents' shutdown
+        kills after it) for its whole length.
+        """
+        self._health.stop()
+        self._events.close()
+        return self.server.stop(grace)

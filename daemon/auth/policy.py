@@ -20,12 +20,16 @@ ACTION_ROLES: Mapping[str, frozenset[Role]] = MappingProxyType(
         # Clears the latch only (it restarts nothing); reset_signatures in the
         # config says how many distinct principals must sign.
         "reset": frozenset({Role.ADMIN, Role.OPERATOR}),
+        # Freezing only stops an agent where it stands: whoever may stop it may
+        # freeze it. Thawing lets a suspect agent run again: not on-call alone.
+        "freeze": frozenset({Role.ADMIN, Role.OPERATOR, Role.ONCALL, Role.SUPERVISOR}),
+        "thaw": frozenset({Role.ADMIN, Role.OPERATOR}),
     }
 )
 
 # Actions that must keep working while the replay cache is degraded: a
 # replayed stop or kill can only end an agent, never start one.
-STOP_ACTIONS: frozenset[str] = frozenset({"stop", "kill", "estop"})
+STOP_ACTIONS: frozenset[str] = frozenset({"stop", "kill", "estop", "freeze"})
 
 
 def roles_for(action: str) -> frozenset[Role]:

@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,8 +132,17 @@ class AgentCgroup:
             if layout.holder("memory") == "v1":
                 mem = self.v1["memory"]
                 fs.write(mem / "memory.limit_in_bytes", str(limits.memory_bytes))
+                # Swap off: memory+swap capped at the memory limit. The file
+                # exists only with swap accounting (swapaccount=1); without
+                # it swap cannot be limited per cgroup (read_limits says so).
+                if fs.exists(mem / "memory.memsw.limit_in_bytes"):
+                    fs.write(mem / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
             else:
                 fs.write(self.v2 / "memory.max", str(limits.memory_bytes))
+        if layout.holder("memory") == "v2" and fs.exists(self.v2 / "memory.swap.max"):
+            # Swap off on v2 whatever the memory limit: an agent's memory is
+            # never written to disk, where it would outlive the agent.
+            fs.write(self.v2 / "memory.swap.max", "0")
         if limits.pids_max:
             if layout.holder("pids") == "v1":
                 fs.write(self.v1["pids"] / "pids.max", str(limits.pids_max))
@@ -147,6 +156,38 @@ class AgentCgroup:
                 fs.write(cpu / "cpu.cfs_quota_us", str(quota))
             else:
                 fs.write(self.v2 / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+
+    def read_limits(self) -> dict[str, str]:
+        """The limits in force, read back from cgroupfs: memory, swap, pids, cpu.
+
+        Values as the kernel writes them ("max" for none, v1's huge number
+        for none, "-" when no hierarchy holds the controller). For the
+        sandbox's checks from outside; raises CgroupError.
+        """
+        layout = self.tree.layout
+        out = {"memory": "-", "swap": "-", "pids": "-", "cpu": "-"}
+        holder = layout.holder("memory")
+        if holder == "v1":
+            mem = self.v1["memory"]
+            out["memory"] = fs.read(mem / "memory.limit_in_bytes").strip()
+            memsw = mem / "memory.memsw.limit_in_bytes"
+            out["swap"] = (f"memsw {fs.read(memsw).strip()}" if fs.exists(memsw)
+                           else "no swap accounting")
+        elif holder == "v2":
+            out["memory"] = fs.read(self.v2 / "memory.max").strip()
+            swap = self.v2 / "memory.swap.max"
+            out["swap"] = (f"swap.max {fs.read(swap).strip()}" if fs.exists(swap)
+                           else "no swap accounting")
+        holder = layout.holder("pids")
+        if holder is not None:
+            base = self.v1["pids"] if holder == "v1" else self.v2
+            out["pids"] = fs.read(base / "pids.max").strip()
+        holder = layout.holder("cpu")
+        if holder == "v1":
+            out["cpu"] = fs.read(self.v1["cpu"] / "cpu.cfs_quota_us").strip()
+        elif holder == "v2":
+            out["cpu"] = fs.read(self.v2 / "cpu.max").strip()
+        return out
 
     # --------------------------------------------------------------- facts
     def pids(self) -> list[int]:
@@ -191,6 +232,18 @@ class AgentCgroup:
         except (CgroupError, ValueError):
             return 0
         return 0
+
+    def cpu_usage_usec(self) -> int:
+        """CPU time used by every member, ever, in microseconds. Raises CgroupError.
+
+        From the v2 cgroup's cpu.stat usage_usec, which the cgroup core keeps
+        in every v2 cgroup, with or without the cpu controller (Linux >= 5.x).
+        """
+        try:
+            return int(fs.read_keyed(self.v2 / "cpu.stat")["usage_usec"])
+        except (KeyError, ValueError) as err:
+            raise CgroupError(f"no usage_usec in {self.v2 / 'cpu.stat'}",
+                              str(self.v2 / "cpu.stat")) from err
 
     # ---------------------------------------------------------------- kill
     def kill(self) -> str:
@@ -259,9 +312,25 @@ class AgentCgroup:
             if frozen:
                 self._wait(lambda: fs.read(state).strip() == "FROZEN", timeout)
 
-    def freeze(self, frozen: bool) -> None:
-        """Freeze or thaw the agent (the kill path never waits on this)."""
-        self._freeze(frozen)
+    def freeze(self, frozen: bool, timeout: float) -> bool:
+        """Freeze or thaw; returns whether the kernel reports it done within timeout.
+
+        v2: write cgroup.freeze, then wait for "frozen 1" (or 0) in
+        cgroup.events: freezing is asynchronous (cgroup-v2.rst). v1: write
+        freezer.state and wait for FROZEN. A frozen agent stays killable:
+        cgroup.kill and SIGKILL reach frozen tasks on v2.
+        """
+        if fs.exists(self.v2 / "cgroup.freeze"):
+            fs.write(self.v2 / "cgroup.freeze", "1" if frozen else "0")
+            want = "1" if frozen else "0"
+            return self._wait(
+                lambda: fs.read_keyed(self.v2 / "cgroup.events").get("frozen") == want, timeout)
+        if "freezer" in self.v1:
+            state = self.v1["freezer"] / "freezer.state"
+            fs.write(state, "FROZEN" if frozen else "THAWED")
+            want = "FROZEN" if frozen else "THAWED"
+            return self._wait(lambda: fs.read(state).strip() == want, timeout)
+        raise CgroupError("no cgroup freezer is available to agentd on this host")
 
     @staticmethod
     def _wait(cond: object, timeout: float) -> bool:
@@ -289,8 +358,8 @@ class AgentCgroup:
             delay = min(delay * 2, 1e-3)
         return True
 
-    def signal_all(self, sig: int) -> int:
-        """Send sig to every member through a pidfd. Returns how many were signalled.
+    def signal_all(self, sig: int, exclude: Collection[int] = ()) -> int:
+        """Send sig to every member but exclude, through a pidfd. Returns how many were signalled.
 
         PIDs are reused: between reading cgroup.procs and signalling, a pid
         may have exited and been given to a process outside this cgroup. The
@@ -299,6 +368,8 @@ class AgentCgroup:
         """
         sent = 0
         for pid in self.pids():
+            if pid in exclude:
+                continue
             try:
                 pidfd = os.pidfd_open(pid)
             except (ProcessLookupError, OSError):
@@ -407,6 +478,32 @@ class AgentTree:
         for path in [*self.base_v1.values(), self.base_v2]:
             ok = fs.rmdir(path) and ok
         return ok
+
+
+def wait_all_empty(groups: Iterable[AgentCgroup], deadline: float) -> dict[AgentCgroup, float]:
+    """Poll every group until each is empty or the monotonic deadline passes.
+
+    Returns when (monotonic) each group was seen empty; groups missing from the
+    result were still populated at the deadline. One loop over all of them:
+    waiting on each in turn would let the last group's wait include every
+    earlier one's backoff.
+    """
+    pending = list(groups)
+    emptied: dict[AgentCgroup, float] = {}
+    delay = 20e-6
+    while pending:
+        still = []
+        for g in pending:
+            if g.populated():
+                still.append(g)
+            else:
+                emptied[g] = time.monotonic()
+        pending = still
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(delay)
+        delay = min(delay * 2, 1e-3)
+    return emptied
 
 
 def kill_all(groups: Iterable[AgentCgroup]) -> None:

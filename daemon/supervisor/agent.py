@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.cgroups.tree import AgentCgroup, Limits
+from daemon.monitor.model import Signals
+from daemon.sandbox.verify import Report
 from daemon.users import AgentUser
 
 
@@ -18,6 +20,7 @@ class State(enum.StrEnum):
     STOPPING = "stopping"
     EXITED = "exited"  # its main process ended by itself
     KILLED = "killed"  # ended by a stop or a kill
+    FROZEN = "frozen"  # every process stopped by the cgroup freezer
 
 
 ENDED = frozenset({State.EXITED, State.KILLED})
@@ -54,6 +57,14 @@ class Agent:
     # Why it ended (or is ending): exited, killed, stopped, lease_expired,
     # max_runtime, estop, daemon_shutdown. The first reason given wins.
     end_reason: str = ""
+    # The newest sample of kernel-observed signals (daemon.monitor).
+    signals: Signals = field(default_factory=Signals)
+    # The sandbox as asked for and as checked from outside after launch.
+    sandbox: Report | None = None
+    # bwrap's own processes (its outer one, the main pid, and its init): a
+    # stop's SIGTERM skips them (the outer one would die of it and take the
+    # agent's grace period along). They count as the agent's processes.
+    helper_pids: frozenset[int] = frozenset()
     lock: threading.Lock = field(default_factory=threading.Lock)
     ended: threading.Event = field(default_factory=threading.Event)
 

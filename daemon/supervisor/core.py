@@ -15,7 +15,8 @@ from agentd.v1 import agentd_pb2
 
 from daemon.audit import AuditLog
 from daemon.auth import VerifiedCommand
-from daemon.cgroups.tree import AgentCgroup, AgentTree, kill_all
+from daemon.auth.truststore import Role
+from daemon.cgroups.tree import AgentCgroup, AgentTree, kill_all, wait_all_empty
 from daemon.config import Config
 from daemon.errors import (
     AgentExists,
@@ -24,8 +25,15 @@ from daemon.errors import (
     FailedPrecondition,
     InvalidArgument,
     LaunchFailed,
+    SandboxNotApplied,
 )
-from daemon.supervisor import killer, launcher, runspec
+from daemon.monitor.rules import RuleSet
+from daemon.monitor.rules import builtin as builtin_rules
+from daemon.monitor.sampler import Sampler
+from daemon.monitor.tripwires import Tripwires
+from daemon.sandbox import bwrap, seccomp
+from daemon.sandbox.policy import Policies
+from daemon.supervisor import killer, launcher, runspec, sandboxing
 from daemon.supervisor.agent import Agent, State
 from daemon.supervisor.enforcer import Enforcer
 from daemon.supervisor.failsafe import EstopResult, Failsafe, RenewResult
@@ -33,13 +41,14 @@ from daemon.supervisor.gate import CommandGate
 from daemon.supervisor.killer import StopResult
 from daemon.supervisor.latch import Latch
 from daemon.supervisor.reactor import LogSink, Reactor
-from daemon.users import AgentUser, resolve
+from daemon.users import DYNAMIC, AgentUser, allocate_dynamic
 
 log = logging.getLogger(__name__)
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, tree: AgentTree, gate: CommandGate, audit: AuditLog) -> None:
+    def __init__(self, cfg: Config, tree: AgentTree, gate: CommandGate, audit: AuditLog,
+                 rules: RuleSet | None = None) -> None:
         self.cfg = cfg
         self.tree = tree
         self.gate = gate
@@ -49,12 +58,18 @@ class Supervisor:
         self.enforcer = Enforcer(self.failsafe.on_expired,
                                  reactor_tick=lambda: self.reactor.last_tick)
         self.latch = Latch(cfg.latch_path)
+        self.sampler = Sampler(self, cfg.sample_interval_s, cfg.allowed_write_prefixes,
+                               kill_gate=self.reactor.kill_gate)
+        self.tripwires = Tripwires(self, rules if rules is not None else builtin_rules())
         # name -> newest agent of that name. Read without a lock on the kill
         # path (a dict lookup is atomic under the GIL); written under
         # _launch_lock, which guards name reservation only.
         self._agents: dict[str, Agent] = {}
         self._launch_lock = threading.Lock()
         self._reserved: set[str] = set()
+        # Dynamic uids handed out to launches still starting (under _launch_lock).
+        self._reserved_uids: set[int] = set()
+        self.policies = Policies(cfg)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> list[str]:
@@ -64,10 +79,24 @@ class Supervisor:
         left by an earlier run are never re-adopted: nobody has watched them
         since the daemon died, so they are killed and audited.
         """
+        # A broken policy file stops the start (PolicyError), as a broken
+        # config does; later breakage refuses runs until it is fixed.
+        self.policies.current()
+        problem = bwrap.available()
+        try:
+            # Compiled once each, here, rather than on the first run.
+            seccomp.bpf(deny_unix=True)
+            seccomp.bpf(deny_unix=False)
+        except LaunchFailed as err:
+            problem = problem or err.message
+        if problem:
+            log.warning("agents cannot be sandboxed, so every run will be refused: %s", problem)
         self.tree.prepare()
         killed = self._kill_leftovers()
         self.reactor.start()
         self.enforcer.start()
+        self.sampler.start()
+        self.tripwires.start()
         return killed
 
     def _kill_leftovers(self) -> list[str]:
@@ -76,9 +105,10 @@ class Supervisor:
             return []
         counts = {g.agent_id: len(killer.pids_of(g)) for g in leftovers}
         kill_all(leftovers)
+        emptied = wait_all_empty(leftovers, time.monotonic() + self.cfg.kill_verify_timeout_s)
         ids = []
         for g in leftovers:
-            empty = g.wait_empty(time.monotonic() + self.cfg.kill_verify_timeout_s)
+            empty = g in emptied
             removed = g.remove()
             self.audit.append(
                 "leftover_agent_killed",
@@ -101,12 +131,16 @@ class Supervisor:
             a.request_end("daemon_shutdown")
         with self.reactor.kill_gate:
             kill_all(a.cgroup for a in running)
+        emptied = wait_all_empty([a.cgroup for a in running],
+                                 time.monotonic() + self.cfg.kill_verify_timeout_s)
         for a in running:
-            empty = a.cgroup.wait_empty(time.monotonic() + self.cfg.kill_verify_timeout_s)
+            empty = a.cgroup in emptied
             a.ended.wait(timeout=2.0)
             self.audit.append("agent_killed_at_shutdown", name=a.name, agent_id=a.id,
                               verified_empty=empty)
         self.enforcer.stop()
+        self.sampler.stop()
+        self.tripwires.stop()
         self.reactor.stop()
         self.failsafe.close()
         for a in self._agents.values():
@@ -150,20 +184,28 @@ class Supervisor:
     # ----------------------------------------------------------------- run
     def run(self, envelope: agentd_pb2.Envelope) -> Agent:
         """Verify, then launch. Raises AgentdError (audited)."""
-        def precheck(vc: VerifiedCommand) -> tuple[runspec.RunSpec, AgentUser]:
+        def precheck(vc: VerifiedCommand) -> runspec.RunSpec:
             self.latch.refuse_run(self.cfg.reset_signatures)
-            spec = runspec.check(vc.command.run, self.cfg, self.tree.layout)
-            user = resolve(vc.command.run.user or self.cfg.default_user,
-                           allow_root=self.cfg.allow_root_agents)
-            return spec, user
+            # The sandbox policy, escalation and entrypoint pin are judged
+            # here, before the command is admitted: a refused run changes nothing.
+            admin = any(Role.ADMIN in k.roles for k in vc.signers)
+            return runspec.check(vc.command.run, self.cfg, self.tree.layout,
+                                 policies=self.policies, hidden=sandboxing.hidden(self.cfg),
+                                 admin=admin, reason=vc.command.reason)
 
-        vc, (spec, user) = self.gate.admit(envelope, "run", precheck)
+        vc, spec = self.gate.admit(envelope, "run", precheck)
+        named = spec.user  # None: a dynamic user, allocated under the launch lock
         action = vc.command.run
         # A run is not the stop path: persist the replay record before acting,
         # so a crash right after cannot let the same run be replayed.
         self.gate.replay.persist()
-        self.gate.audit_accepted(vc, action.name, argv=list(action.argv), user=user.name,
-                                 lease_ms=spec.lease_ms, max_runtime_ms=spec.max_runtime_ms)
+        profile = spec.profile
+        self.gate.audit_accepted(
+            vc, action.name, argv=list(action.argv), user=named.name if named else DYNAMIC,
+            lease_ms=spec.lease_ms, max_runtime_ms=spec.max_runtime_ms, policy=profile.name,
+            network=profile.network, entrypoint=spec.entrypoint.path,
+            entrypoint_sha256=spec.entrypoint.sha256 or f"unreadable: {spec.entrypoint.error}",
+            **({"escalation": list(spec.looser)} if spec.looser else {}))
         with self._launch_lock:
             current = self._agents.get(action.name)
             if action.name in self._reserved or (current and not current.is_ended):
@@ -172,7 +214,15 @@ class Supervisor:
                     "or pick another name")
                 self.audit_result(vc, ok=False, error=exists.message)
                 raise exists
+            try:
+                user = named or allocate_dynamic(
+                    {a.user.uid for a in self.running()} | self._reserved_uids,
+                    self.cfg.dynamic_uid_min, self.cfg.dynamic_uid_max)
+            except FailedPrecondition as err:
+                self.audit_result(vc, ok=False, error=err.message)
+                raise
             self._reserved.add(action.name)
+            self._reserved_uids.add(user.uid)
         try:
             agent = self._launch(vc, action, user, spec)
         except (LaunchFailed, CgroupError) as err:
@@ -181,6 +231,7 @@ class Supervisor:
         finally:
             with self._launch_lock:
                 self._reserved.discard(action.name)
+                self._reserved_uids.discard(user.uid)
         if self.latch.latched:
             # An estop landed while this agent was starting, after its
             # snapshot of running agents: this agent must not survive it.
@@ -192,7 +243,8 @@ class Supervisor:
             self.audit_result(vc, ok=False, error=late.message, agent_id=agent.id)
             raise late
         self.audit_result(vc, ok=True, name=agent.name, agent_id=agent.id,
-                           main_pid=agent.main_pid, cgroups=agent.cgroup.paths())
+                           main_pid=agent.main_pid, cgroups=agent.cgroup.paths(),
+                           user=user.name, sandbox=_checks_text(agent))
         return agent
 
     def _launch(self, vc: VerifiedCommand, action: agentd_pb2.RunAction, user: AgentUser,
@@ -205,17 +257,18 @@ class Supervisor:
             self.cfg.log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
             stdout_log = self.cfg.log_dir / f"{agent_id}.stdout.log"
             stderr_log = self.cfg.log_dir / f"{agent_id}.stderr.log"
-            env = {
-                "PATH": self.cfg.agent_path,
-                "HOME": "/",
-                "USER": user.name,
-                "LOGNAME": user.name,
-                "LANG": "C.UTF-8",
-                "AGENTD_AGENT_NAME": action.name,
-                "AGENTD_AGENT_ID": agent_id,
-            }
-            spawned = launcher.spawn(cgroup=group, argv=list(action.argv), user=user, env=env,
-                                     nofile=self.cfg.agent_nofile)
+            # The shim joins the cgroups and drops to the agent's user, then
+            # execs bwrap, which builds the sandbox unprivileged (daemon.sandbox).
+            prepared = sandboxing.prepare(self.cfg, spec, user, list(action.argv),
+                                          name=action.name, agent_id=agent_id)
+            try:
+                spawned = launcher.spawn(cgroup=group, argv=prepared.argv, user=user,
+                                         env=prepared.env, nofile=spec.profile.nofile,
+                                         keep_fds=prepared.keep_fds, no_new_privs=True)
+            except BaseException:
+                prepared.close_all()
+                raise
+            prepared.close_ours()
         except BaseException:
             self._discard_cgroup(group)
             raise
@@ -226,20 +279,60 @@ class Supervisor:
             limits=spec.limits, cgroup=group, started_by=",".join(vc.principals),
             stdout_log=stdout_log, stderr_log=stderr_log, proc=spawned.proc, main_pid=pid,
             started_at=launcher.proc_start_time(pid), lease_ttl_ms=spec.lease_ms,
-            max_runtime_ms=spec.max_runtime_ms,
+            max_runtime_ms=spec.max_runtime_ms, helper_pids=frozenset({pid}),
         )
         cap = self.cfg.log_cap_bytes
-        self.reactor.watch_output(spawned.stdout_fd, LogSink(stdout_log, cap))
-        self.reactor.watch_output(spawned.stderr_fd, LogSink(stderr_log, cap))
+        self.reactor.watch_output(spawned.stdout_fd,
+                                  LogSink(stdout_log, cap, self.tripwires.tap(agent, "stdout")))
+        self.reactor.watch_output(spawned.stderr_fd,
+                                  LogSink(stderr_log, cap, self.tripwires.tap(agent, "stderr")))
         if spec.lease_ms:
             self.enforcer.set(agent, "lease", started + spec.lease_ms / 1000)
         if spec.max_runtime_ms:
             self.enforcer.set(agent, "max_runtime", started + spec.max_runtime_ms / 1000)
+        self.reactor.watch_output(prepared.status_r, prepared.sink)
         pidfd = os.pidfd_open(pid)
         self.reactor.watch_exit(pidfd, lambda: self._on_main_exit(agent))
-        with self._launch_lock:
-            self._agents[action.name] = agent
+        try:
+            self._check_sandbox(agent, prepared, spec, user)
+        finally:
+            # Listed (and sampled) only once its sandbox is checked: before
+            # its exec the agent's first process is still bwrap. A failed
+            # one stays listed, killed, with the checks that failed.
+            with self._launch_lock:
+                self._agents[action.name] = agent
         return agent
+
+    def _check_sandbox(self, agent: Agent, prepared: sandboxing.Prepared, spec: runspec.RunSpec,
+                       user: AgentUser) -> None:
+        """Read the agent's restrictions back from the kernel; kill it if any is missing.
+
+        Raises LaunchFailed (bwrap never started the agent) or
+        SandboxNotApplied, after a verified kill: an agent never runs with a
+        restriction silently missing.
+        """
+        try:
+            found = sandboxing.inspect(agent.cgroup, agent.main_pid, prepared, spec, user=user,
+                                       stderr_log=agent.stderr_log)
+        except LaunchFailed:
+            self._kill_failed_launch(agent, "sandbox_failed")
+            raise
+        agent.helper_pids = found.helpers
+        agent.sandbox = sandboxing.report(spec, user, found.checks)
+        failed = agent.sandbox.failed
+        if failed:
+            out = self._kill_failed_launch(agent, "sandbox_not_applied")
+            raise SandboxNotApplied(
+                "restriction(s) not applied, so the agent was killed "
+                f"({'verified' if out.verified_empty else 'NOT verified'} empty): "
+                + "; ".join(f"{c.name}: {c.detail}" for c in failed))
+
+    def _kill_failed_launch(self, agent: Agent, reason: str) -> killer.KillOutcome:
+        agent.request_end(reason)
+        out = killer.kill(agent, accepted_at=time.monotonic(),
+                          verify_timeout=self.cfg.kill_verify_timeout_s)
+        self.settle(agent, out)
+        return out
 
     def _discard_cgroup(self, group: AgentCgroup) -> None:
         try:
@@ -327,6 +420,67 @@ class Supervisor:
         fields.setdefault("ok", True)
         self.audit.append("result", command_id=vc.command_id.hex(), **fields)
 
+    def kill_agent(self, agent: Agent, reason: str) -> killer.KillOutcome:
+        """Kill agent on the daemon's own authority (a tripwire), and audit it.
+
+        Not a signed command: the rule that fired was configured by an admin
+        and is named in the audit record by the caller.
+        """
+        agent.request_end(reason)
+        out = killer.kill(agent, accepted_at=time.monotonic(),
+                          verify_timeout=self.cfg.kill_verify_timeout_s)
+        self.settle(agent, out)
+        self.audit.append("agent_killed_by_daemon", reason=reason,
+                          **killer.outcome_fields(agent, out))
+        return out
+
+    # -------------------------------------------------------------- freeze
+    FREEZE_TIMEOUT_S = 5.0
+
+    def freeze(self, envelope: agentd_pb2.Envelope, frozen: bool) -> Agent:
+        """Signed freeze or thaw. Raises AgentdError (audited)."""
+        rpc = "freeze" if frozen else "thaw"
+
+        def precheck(vc: VerifiedCommand) -> Agent:
+            action = vc.command.freeze if frozen else vc.command.thaw
+            agent = self.get(action.name)
+            if agent.is_ended or agent.kill_requested:
+                raise FailedPrecondition(
+                    f"agent {agent.name!r} has ended or is being ended; nothing to {rpc}")
+            return agent
+
+        vc, agent = self.gate.admit(envelope, rpc, precheck)
+        done, ms = self.freeze_agent(agent, frozen)
+        self.gate.audit_accepted(vc, agent.name, agent_id=agent.id)
+        self.audit_result(vc, action=rpc, name=agent.name, agent_id=agent.id, ok=done,
+                          verified=done, duration_ms=round(ms, 3))
+        self.gate.replay.persist()
+        if not done:
+            raise FailedPrecondition(
+                f"the kernel did not report {agent.name!r} {'frozen' if frozen else 'thawed'} "
+                f"within {self.FREEZE_TIMEOUT_S:g}s (a task in uninterruptible sleep delays "
+                "freezing); it can still be killed at once")
+        return agent
+
+    def freeze_agent(self, agent: Agent, frozen: bool) -> tuple[bool, float]:
+        """Freeze or thaw agent through its cgroup; (verified by the kernel, ms taken).
+
+        Also the tripwires' "freeze" action. Nothing here stands in the way of
+        a kill: frozen tasks take cgroup.kill.
+        """
+        t0 = time.monotonic()
+        try:
+            done = agent.cgroup.freeze(frozen, self.FREEZE_TIMEOUT_S)
+        except CgroupError:
+            if agent.is_ended:
+                return False, (time.monotonic() - t0) * 1e3
+            raise
+        if done:
+            with agent.lock:
+                if not agent.is_ended and not agent.kill_requested:
+                    agent.state = State.FROZEN if frozen else State.RUNNING
+        return done, (time.monotonic() - t0) * 1e3
+
     # ------------------------------------------------------------ failsafe
     def renew(self, envelope: agentd_pb2.Envelope) -> RenewResult:
         return self.failsafe.renew(envelope)
@@ -336,3 +490,10 @@ class Supervisor:
 
     def reset(self, envelope: agentd_pb2.Envelope) -> tuple[str, ...]:
         return self.failsafe.reset(envelope)
+
+
+def _checks_text(agent: Agent) -> list[str]:
+    """The sandbox checks for the audit record: "name ok|FAILED: detail"."""
+    if agent.sandbox is None:
+        return []
+    return [f"{c.name} {'ok' if c.ok else 'FAILED'}: {c.detail}" for c in agent.sandbox.checks]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from agentd.v1 import agentd_pb2
 
 from daemon.auth import VerifiedCommand
-from daemon.cgroups.tree import kill_all
+from daemon.cgroups.tree import kill_all, wait_all_empty
 from daemon.errors import FailedPrecondition, PermissionDenied
 from daemon.supervisor import killer, runspec
 from daemon.supervisor.agent import Agent, State
@@ -101,17 +101,9 @@ class Failsafe:
         as it empties, where a task per agent would queue later agents behind
         earlier agents' audit fsyncs and report that queueing as kill time.
         """
-        pending = dict(leases)
-        emptied: dict[Agent, float] = {}
-        give_up = time.monotonic() + self.cfg.kill_verify_timeout_s
-        delay = 20e-6
-        while pending and time.monotonic() < give_up:
-            for a in [a for a in pending if not a.cgroup.populated()]:
-                emptied[a] = time.monotonic()
-                del pending[a]
-            if pending:
-                time.sleep(delay)
-                delay = min(delay * 2, 1e-3)
+        by_group = {a.cgroup: a for a, _ in leases}
+        seen = wait_all_empty(by_group, time.monotonic() + self.cfg.kill_verify_timeout_s)
+        emptied = {by_group[g]: t for g, t in seen.items()}
         for a, _ in leases:
             if a in emptied:
                 a.set_state(State.KILLED)
@@ -153,13 +145,14 @@ class Failsafe:
             a.request_end("estop")
         with self.sup.reactor.kill_gate:
             kill_all(a.cgroup for a in running)
-        deadline = time.monotonic() + self.cfg.kill_verify_timeout_s
+        emptied = wait_all_empty([a.cgroup for a in running],
+                                 time.monotonic() + self.cfg.kill_verify_timeout_s)
         result = EstopResult()
         for a in running:
-            empty = a.cgroup.wait_empty(deadline)
+            empty = a.cgroup in emptied
             out = killer.KillOutcome(
                 processes_killed=len(before[a.id]), verified_empty=empty,
-                duration_ms=(time.monotonic() - accepted) * 1e3,
+                duration_ms=((emptied[a.cgroup] if empty else time.monotonic()) - accepted) * 1e3,
                 method="cgroup.kill" if self.sup.tree.has_cgroup_kill else "freeze-and-kill",
                 stuck=[] if empty else a.cgroup.stuck())
             self.sup.settle(a, out)

@@ -17,10 +17,19 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
 _READ_CHUNK = 65536
+
+
+class Tap(Protocol):
+    """Sees an agent's output as it is written (daemon.monitor.tripwires.OutputTap)."""
+
+    def feed(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class LogSink:
@@ -30,13 +39,21 @@ class LogSink:
     or grow the file past the cap, and the disk holds at most twice the cap.
     """
 
-    def __init__(self, path: Path, cap: int) -> None:
+    def __init__(self, path: Path, cap: int, tap: Tap | None = None) -> None:
         self.path = path
         self.cap = cap
+        self.tap = tap
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         self._size = os.fstat(self._fd).st_size
 
     def write(self, data: bytes) -> None:
+        if self.tap is not None:
+            # The tripwires see each write before the file does. A tap that
+            # fails must not stop the log, nor the loop every agent shares.
+            try:
+                self.tap.feed(data)
+            except Exception:
+                log.exception("output tap failed on %s", self.path)
         if self._size + len(data) > self.cap:
             self._rotate()
         os.write(self._fd, data)
@@ -52,6 +69,11 @@ class LogSink:
 
     def close(self) -> None:
         os.close(self._fd)
+        if self.tap is not None:
+            try:
+                self.tap.close()
+            except Exception:
+                log.exception("output tap failed on %s", self.path)
 
 
 Callback = Callable[[], None]

@@ -911,9 +911,67 @@ def test_ps_and_status(fake: tuple[FakeAgentd, Path]) -> None:
         "stdout log:  /var/log/agentd/rogue.out\n"
         "stderr log:  /var/log/agentd/rogue.err\n"
         "started by:  alice\n"
+        "signals:     not sampled yet\n"
     )
     assert missing.exit_code == 5
     assert missing.stderr == "agentctl: error: NOT_FOUND: no agent named 'nobody'\n"
+
+
+def test_status_shows_the_sandbox_checked_from_outside(fake: tuple[FakeAgentd, Path]) -> None:
+    servicer, sock = fake
+    agent = _agent()
+    agent.user, agent.uid = "dynamic:61999", 61999
+    agent.sandbox.CopyFrom(agentd_pb2.Sandbox(
+        policy="default", network="none", user="dynamic:61999", scratch_bytes=256 << 20,
+        entrypoint_sha256="ab" * 32,
+        checks=[agentd_pb2.RestrictionCheck(name="user", ok=True, detail="uid 61999 in 3"),
+                agentd_pb2.RestrictionCheck(name="network namespace", ok=False,
+                                            detail="pid 7 shares the daemon's net:[1]")]))
+    servicer.agents = [agent]
+
+    status = invoke(["--socket", str(sock), "status", "rogue"])
+
+    assert status.stdout.split("started by:  alice\n", 1)[1] == (
+        "sandbox:     policy default: network none, user dynamic:61999, scratch 256M\n"
+        f"             entrypoint sha256 {'ab' * 32}\n"
+        "             checked from outside at launch: 1 ok, 1 FAILED\n"
+        "             ok      user               uid 61999 in 3\n"
+        "             FAILED  network namespace  pid 7 shares the daemon's net:[1]\n"
+        "signals:     not sampled yet\n"
+    )
+
+
+def test_run_sends_the_policy_and_overrides(key_file: Path) -> None:
+    result = invoke(["--key", str(key_file), "run", "--name", "w", "--policy", "web",
+                     "--network", "host", "--bind-ro", "/srv/a", "--bind-rw", "/srv/b",
+                     "--scratch", "64M", "--nofile", "4096", "--pin", "AB" * 32,
+                     "--env", "LANG=C", "--sign-only", "--audience", HOST, "--",
+                     "/bin/true"])
+
+    assert result.exit_code == 0, result.stderr
+    run = agentd_pb2.Command.FromString(
+        signing.envelope_from_json(result.stdout).payload).run
+    assert run.policy == "web"
+    o = run.overrides
+    assert (o.network, list(o.bind_ro), list(o.bind_rw)) == ("host", ["/srv/a"], ["/srv/b"])
+    assert (o.scratch_bytes, o.nofile, o.entrypoint_sha256) == (64 << 20, 4096, "ab" * 32)
+    assert list(o.env) == ["LANG=C"]
+    assert not agentd_pb2.Command.FromString(signing.envelope_from_json(
+        invoke(["--key", str(key_file), "run", "--name", "w", "--sign-only", "--audience",
+                HOST, "--", "/bin/true"]).stdout).payload).run.overrides.HasField("network")
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--network", "bridge"], "'--network'"),
+    (["--pin", "xyz"], "64 hex digits"),
+    (["--env", "NOEQUALS"], "NAME=VALUE"),
+    (["--scratch", "lots"], "'--scratch'"),
+])
+def test_bad_sandbox_options_are_usage_errors(key_file: Path, args: list[str],
+                                              words: str) -> None:
+    result = invoke(["--key", str(key_file), "run", "--name", "w", *args, "--", "/bin/true"])
+    assert result.exit_code == 2
+    assert words in result.stderr
 
 
 def test_ps_json_keeps_numbers(fake: tuple[FakeAgentd, Path]) -> None:
