@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from datetime import UTC
 from typing import Any
 
@@ -12,8 +10,8 @@ import click
 from agentd.v1 import agentd_pb2
 
 from agentctl.context import Settings, json_option, pass_settings, socket_option
-from agentctl.errors import AgentctlError, Interrupted
 from agentctl.render import to_dict
+from agentctl.streaming import Printed, stream_output
 
 DEFAULT_BACKLOG = 50
 MAX_BACKLOG = 10_000  # the daemon keeps this many
@@ -59,30 +57,16 @@ def events(settings: Settings, *, follow: bool, backlog: int, agent: str) -> Non
 
     With --json: one JSON object per line, the audit record under "fields".
     """
-    printed = False
+    printed = Printed()
     stream = settings.client().events(follow=follow, backlog=backlog, agent=agent)
     try:
-        for ev in stream:
-            if settings.json:
-                click.echo(json.dumps(event_dict(ev), sort_keys=True))
-            else:
-                click.echo(event_line(ev))
-            printed = True
-    except KeyboardInterrupt:
-        # The normal way to stop following: no message beyond the status.
-        err = Interrupted("interrupted")
-        err.result_printed = True
-        raise err from None
-    except BrokenPipeError:
-        # `agentctl events -f | head`: the reader left; so do we, quietly.
-        # Point stdout at /dev/null so the interpreter's final flush cannot fail.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except AgentctlError as err:
-        # A JSON error document after JSON lines would break a line reader.
-        err.result_printed = printed
-        raise
+        with stream_output(printed):
+            for ev in stream:
+                if settings.json:
+                    click.echo(json.dumps(event_dict(ev), sort_keys=True))
+                else:
+                    click.echo(event_line(ev))
+                printed.json = True
     finally:
         stream.close()
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import BinaryIO
 
 import click
 
 from agentctl.context import Settings, json_option, pass_settings, socket_option
-from agentctl.errors import AgentctlError, Interrupted
 from agentctl.params import SIZE
+from agentctl.streaming import Printed, stream_output
 
 DEFAULT_TAIL = 64 * 1024
 
@@ -44,36 +43,22 @@ def logs(settings: Settings, *, name: str, follow: bool, tail_bytes: int,
     outs: dict[str, BinaryIO] = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
     if only is not None:
         outs = {only: outs["stdout"]}
-    printed = False
+    printed = Printed()
     chunks = settings.client().logs(name, follow=follow, tail_bytes=tail_bytes)
     try:
-        for chunk in chunks:
-            out = outs.get(chunk.stream)
-            if out is None:
-                continue
-            if settings.json:
-                line = json.dumps({"stream": chunk.stream,
-                                   "text": chunk.data.decode("utf-8", errors="replace")})
-                click.echo(line)
-            else:
-                out.write(chunk.data)
-                out.flush()
-            printed = True
-    except KeyboardInterrupt:
-        # The normal way to stop following: no message beyond the status.
-        err = Interrupted("interrupted")
-        err.result_printed = True
-        raise err from None
-    except BrokenPipeError:
-        # `agentctl logs -f NAME | head`: the reader left; so do we, quietly.
-        # Point stdout at /dev/null so the interpreter's final flush cannot fail.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except AgentctlError as err:
-        # A JSON error document after JSON lines would break a line reader.
-        err.result_printed = printed and settings.json
-        raise
+        with stream_output(printed):
+            for chunk in chunks:
+                out = outs.get(chunk.stream)
+                if out is None:
+                    continue
+                if settings.json:
+                    line = json.dumps({"stream": chunk.stream,
+                                       "text": chunk.data.decode("utf-8", errors="replace")})
+                    click.echo(line)
+                else:
+                    out.write(chunk.data)
+                    out.flush()
+                printed.json = settings.json
     finally:
         chunks.close()
 
