@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.cgroups import fs
+from daemon.cgroups import limits as limits_mod
 from daemon.cgroups.layout import LIMIT_CONTROLLERS, Layout, Mode
-from daemon.errors import CgroupError, ControllerUnavailable
+from daemon.cgroups.limits import Limits
+from daemon.errors import CgroupError
 
 KILL_METHOD = "cgroup.kill"
 FALLBACK_METHOD = "freeze-and-kill"
-CPU_PERIOD_US = 100_000
 
 
 def _join(mount: Path, rel: str, *parts: str) -> Path:
@@ -41,13 +42,6 @@ class Stuck:
     state: str
     wchan: str
     comm: str
-
-
-@dataclass(frozen=True)
-class Limits:
-    memory_bytes: int = 0  # 0: none
-    pids_max: int = 0  # 0: none
-    cpu_millis: int = 0  # 0: none
 
 
 class AgentCgroup:
@@ -111,83 +105,12 @@ class AgentCgroup:
 
     # -------------------------------------------------------------- limits
     def apply_limits(self, limits: Limits) -> None:
-        """Write the limits to whichever hierarchy holds each controller.
-
-        Raises ControllerUnavailable if a limit is asked for and no hierarchy
-        holds its controller, CgroupError if a write fails.
-        """
-        wanted = {
-            "memory": limits.memory_bytes,
-            "pids": limits.pids_max,
-            "cpu": limits.cpu_millis,
-        }
-        for controller, value in wanted.items():
-            if value and self.tree.layout.holder(controller) is None:
-                raise ControllerUnavailable(
-                    f"a {controller} limit was asked for, but no cgroup hierarchy on this host "
-                    f"offers the {controller} controller to agentd"
-                )
-        layout = self.tree.layout
-        if limits.memory_bytes:
-            if layout.holder("memory") == "v1":
-                mem = self.v1["memory"]
-                fs.write(mem / "memory.limit_in_bytes", str(limits.memory_bytes))
-                # Swap off: memory+swap capped at the memory limit. The file
-                # exists only with swap accounting (swapaccount=1); without
-                # it swap cannot be limited per cgroup (read_limits says so).
-                if fs.exists(mem / "memory.memsw.limit_in_bytes"):
-                    fs.write(mem / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
-            else:
-                fs.write(self.v2 / "memory.max", str(limits.memory_bytes))
-        if layout.holder("memory") == "v2" and fs.exists(self.v2 / "memory.swap.max"):
-            # Swap off on v2 whatever the memory limit: an agent's memory is
-            # never written to disk, where it would outlive the agent.
-            fs.write(self.v2 / "memory.swap.max", "0")
-        if limits.pids_max:
-            if layout.holder("pids") == "v1":
-                fs.write(self.v1["pids"] / "pids.max", str(limits.pids_max))
-            else:
-                fs.write(self.v2 / "pids.max", str(limits.pids_max))
-        if limits.cpu_millis:
-            quota = max(1000, limits.cpu_millis * CPU_PERIOD_US // 1000)
-            if layout.holder("cpu") == "v1":
-                cpu = self.v1["cpu"]
-                fs.write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-                fs.write(cpu / "cpu.cfs_quota_us", str(quota))
-            else:
-                fs.write(self.v2 / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+        """Write limits to whichever hierarchy holds each controller (see limits.apply)."""
+        limits_mod.apply(self, limits)
 
     def read_limits(self) -> dict[str, str]:
-        """The limits in force, read back from cgroupfs: memory, swap, pids, cpu.
-
-        Values as the kernel writes them ("max" for none, v1's huge number
-        for none, "-" when no hierarchy holds the controller). For the
-        sandbox's checks from outside; raises CgroupError.
-        """
-        layout = self.tree.layout
-        out = {"memory": "-", "swap": "-", "pids": "-", "cpu": "-"}
-        holder = layout.holder("memory")
-        if holder == "v1":
-            mem = self.v1["memory"]
-            out["memory"] = fs.read(mem / "memory.limit_in_bytes").strip()
-            memsw = mem / "memory.memsw.limit_in_bytes"
-            out["swap"] = (f"memsw {fs.read(memsw).strip()}" if fs.exists(memsw)
-                           else "no swap accounting")
-        elif holder == "v2":
-            out["memory"] = fs.read(self.v2 / "memory.max").strip()
-            swap = self.v2 / "memory.swap.max"
-            out["swap"] = (f"swap.max {fs.read(swap).strip()}" if fs.exists(swap)
-                           else "no swap accounting")
-        holder = layout.holder("pids")
-        if holder is not None:
-            base = self.v1["pids"] if holder == "v1" else self.v2
-            out["pids"] = fs.read(base / "pids.max").strip()
-        holder = layout.holder("cpu")
-        if holder == "v1":
-            out["cpu"] = fs.read(self.v1["cpu"] / "cpu.cfs_quota_us").strip()
-        elif holder == "v2":
-            out["cpu"] = fs.read(self.v2 / "cpu.max").strip()
-        return out
+        """The limits in force, read back from cgroupfs (see limits.read)."""
+        return limits_mod.read(self)
 
     # --------------------------------------------------------------- facts
     def pids(self) -> list[int]:

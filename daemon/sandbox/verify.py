@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.cgroups.tree import AgentCgroup, Limits
+from daemon.cgroups.limits import Limits
+from daemon.cgroups.tree import AgentCgroup
 from daemon.errors import CgroupError
 
 NAMESPACES = ("mnt", "pid", "ipc", "uts", "user", "net")

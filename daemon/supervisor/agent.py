@@ -9,7 +9,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon.cgroups.tree import AgentCgroup, Limits
+from daemon.cgroups.limits import Limits
+from daemon.cgroups.tree import AgentCgroup
 from daemon.monitor.model import Signals
 from daemon.sandbox.verify import Report
 from daemon.users import AgentUser

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from agentd.v1 import agentd_pb2
 
 from daemon.cgroups.layout import Layout
-from daemon.cgroups.tree import Limits
+from daemon.cgroups.limits import Limits
 from daemon.config import Config
 from daemon.errors import FailedPrecondition, InvalidArgument, SandboxEscalation
 from daemon.sandbox import bwrap, pin, policy
