@@ -37,6 +37,7 @@ from daemon.supervisor import killer, launcher, runspec, sandboxing
 from daemon.supervisor.agent import Agent, State
 from daemon.supervisor.enforcer import Enforcer
 from daemon.supervisor.failsafe import EstopResult, Failsafe, RenewResult
+from daemon.supervisor.freezing import Freezer
 from daemon.supervisor.gate import CommandGate
 from daemon.supervisor.killer import StopResult
 from daemon.supervisor.latch import Latch
@@ -55,6 +56,7 @@ class Supervisor:
         self.audit = audit
         self.reactor = Reactor()
         self.failsafe = Failsafe(self)
+        self.freezer = Freezer(self)
         self.enforcer = Enforcer(self.failsafe.on_expired,
                                  reactor_tick=lambda: self.reactor.last_tick)
         self.latch = Latch(cfg.latch_path)
@@ -435,51 +437,11 @@ class Supervisor:
         return out
 
     # -------------------------------------------------------------- freeze
-    FREEZE_TIMEOUT_S = 5.0
-
     def freeze(self, envelope: agentd_pb2.Envelope, frozen: bool) -> Agent:
-        """Signed freeze or thaw. Raises AgentdError (audited)."""
-        rpc = "freeze" if frozen else "thaw"
-
-        def precheck(vc: VerifiedCommand) -> Agent:
-            action = vc.command.freeze if frozen else vc.command.thaw
-            agent = self.get(action.name)
-            if agent.is_ended or agent.kill_requested:
-                raise FailedPrecondition(
-                    f"agent {agent.name!r} has ended or is being ended; nothing to {rpc}")
-            return agent
-
-        vc, agent = self.gate.admit(envelope, rpc, precheck)
-        done, ms = self.freeze_agent(agent, frozen)
-        self.gate.audit_accepted(vc, agent.name, agent_id=agent.id)
-        self.audit_result(vc, action=rpc, name=agent.name, agent_id=agent.id, ok=done,
-                          verified=done, duration_ms=round(ms, 3))
-        self.gate.replay.persist()
-        if not done:
-            raise FailedPrecondition(
-                f"the kernel did not report {agent.name!r} {'frozen' if frozen else 'thawed'} "
-                f"within {self.FREEZE_TIMEOUT_S:g}s (a task in uninterruptible sleep delays "
-                "freezing); it can still be killed at once")
-        return agent
+        return self.freezer.freeze(envelope, frozen)
 
     def freeze_agent(self, agent: Agent, frozen: bool) -> tuple[bool, float]:
-        """Freeze or thaw agent through its cgroup; (verified by the kernel, ms taken).
-
-        Also the tripwires' "freeze" action. Nothing here stands in the way of
-        a kill: frozen tasks take cgroup.kill.
-        """
-        t0 = time.monotonic()
-        try:
-            done = agent.cgroup.freeze(frozen, self.FREEZE_TIMEOUT_S)
-        except CgroupError:
-            if agent.is_ended:
-                return False, (time.monotonic() - t0) * 1e3
-            raise
-        if done:
-            with agent.lock:
-                if not agent.is_ended and not agent.kill_requested:
-                    agent.state = State.FROZEN if frozen else State.RUNNING
-        return done, (time.monotonic() - t0) * 1e3
+        return self.freezer.freeze_agent(agent, frozen)
 
     # ------------------------------------------------------------ failsafe
     def renew(self, envelope: agentd_pb2.Envelope) -> RenewResult:
