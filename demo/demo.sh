@@ -6,13 +6,15 @@ set -euo pipefail
 VENV=${VENV:-.venv}
 AGENTD="$VENV/bin/agentd"
 AGENTCTL="$VENV/bin/agentctl"
-PY=/usr/bin/python3   # the agent runs as nobody, who can read Debian's python
+PY=/usr/bin/python3   # the agent runs as an unprivileged uid, who can read Debian's python
 
 say()  { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run()  { printf '$ %s\n' "$*"; "$@"; }
 
 [ "$(id -u)" = 0 ] || { echo "make demo must run as root (agentd owns cgroups)" >&2; exit 1; }
-DEMO=$(mktemp -d /tmp/agentd-demo.XXXXXX)
+# Under /srv, not /tmp: an agent's sandbox shows the host read-only but has
+# a /tmp (and /var/tmp) of its own, where the rogue program would not be.
+DEMO=$(mktemp -d /srv/agentd-demo.XXXXXX)
 chmod 755 "$DEMO"
 DAEMON_PID=""
 cleanup() {
@@ -40,7 +42,7 @@ echo "alice admin $(cat "$DEMO/alice.key.pub")" >> "$DEMO/dev/trusted_keys"
 export AGENTCTL_KEY="$DEMO/alice.key"
 run "$AGENTCTL" info
 
-say "3. Launch the rogue agent in its own cgroup, as nobody"
+say "3. Launch the rogue agent in its own cgroup and sandbox, as a fresh unprivileged uid"
 run "$AGENTCTL" run --name rogue --memory 256M --pids 64 --reason "demo" -- \
   "$PY" "$DEMO/agent/rogue_agent.py"
 sleep 1.5
@@ -50,7 +52,9 @@ echo "-- what the agent says (its stdout log):"
 cat "$STDOUT_LOG"
 echo "-- what the kernel says (the agent's cgroup, $CGROUP):"
 PIDS=$(tr '\n' ' ' < "$CGROUP/cgroup.procs")
-run ps -o pid,ppid,pgid,sid,user,stat,args -p "$(paste -sd, "$CGROUP/cgroup.procs")"
+echo "\$ ps -o pid,ppid,pgid,sid,user,stat,args -p <the cgroup's pids>  (lines cut at 110 columns)"
+ps -o pid,ppid,pgid,sid,user,stat,args -p "$(paste -sd, "$CGROUP/cgroup.procs")" | cut -c1-110
+echo "(the two bwrap processes hold the sandbox: they are the agent's too, and die with it)"
 echo "(note the escaped process: its own session, reparented away from the agent)"
 
 say "4. A stop from a key the daemon does not trust is refused, and changes nothing"
