@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,22 +218,14 @@ class AgentCgroup:
             fs.write(target / "pids.max", "0")
 
     def _freeze(self, frozen: bool, timeout: float = 0.05) -> None:
-        """Freeze or thaw; waits briefly for the freeze to settle, never long.
+        """The fallback kill's freeze: waits briefly for it to settle, never long.
 
-        v2 freezing is asynchronous (wait for "frozen 1" in cgroup.events); a
-        v1 freezer can stay in FREEZING while a fork bomb runs, so after a
-        short wait the kill pass goes ahead anyway.
+        A v1 freezer can stay in FREEZING while a fork bomb runs, so after a
+        short wait the kill pass goes ahead anyway; a thaw is not waited for;
+        with no freezer at all the pass runs unfrozen.
         """
-        if fs.exists(self.v2 / "cgroup.freeze"):
-            fs.write(self.v2 / "cgroup.freeze", "1" if frozen else "0")
-            if frozen:
-                self._wait(lambda: fs.read_keyed(self.v2 / "cgroup.events").get("frozen") == "1",
-                           timeout)
-        elif "freezer" in self.v1:
-            state = self.v1["freezer"] / "freezer.state"
-            fs.write(state, "FROZEN" if frozen else "THAWED")
-            if frozen:
-                self._wait(lambda: fs.read(state).strip() == "FROZEN", timeout)
+        if fs.exists(self.v2 / "cgroup.freeze") or "freezer" in self.v1:
+            self.freeze(frozen, timeout if frozen else 0.0)
 
     def freeze(self, frozen: bool, timeout: float) -> bool:
         """Freeze or thaw; returns whether the kernel reports it done within timeout.
@@ -256,10 +248,10 @@ class AgentCgroup:
         raise CgroupError("no cgroup freezer is available to agentd on this host")
 
     @staticmethod
-    def _wait(cond: object, timeout: float) -> bool:
+    def _wait(cond: Callable[[], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while True:
-            if cond():  # type: ignore[operator]
+            if cond():
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -273,13 +265,7 @@ class AgentCgroup:
         alone turned a 0.2 ms kill into 14 ms (FIELD-NOTES). The backoff
         starts at 20 us and is capped at 1 ms, so a long wait costs little CPU.
         """
-        delay = 20e-6
-        while self.populated():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(delay)
-            delay = min(delay * 2, 1e-3)
-        return True
+        return self in wait_all_empty((self,), deadline)
 
     def signal_all(self, sig: int, exclude: Collection[int] = ()) -> int:
         """Send sig to every member but exclude, through a pidfd. Returns how many were signalled.
