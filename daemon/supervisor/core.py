@@ -237,9 +237,7 @@ class Supervisor:
         if self.latch.latched:
             # An estop landed while this agent was starting, after its
             # snapshot of running agents: this agent must not survive it.
-            agent.request_end("estop")
-            killer.kill(agent, accepted_at=time.monotonic(),
-                        verify_timeout=self.cfg.kill_verify_timeout_s)
+            self.kill_agent(agent, "estop", record=False)
             late = FailedPrecondition("emergency stop latched while the agent was starting; "
                                       "it was killed")
             self.audit_result(vc, ok=False, error=late.message, agent_id=agent.id)
@@ -317,24 +315,17 @@ class Supervisor:
             found = sandboxing.inspect(agent.cgroup, agent.main_pid, prepared, spec, user=user,
                                        stderr_log=agent.stderr_log)
         except LaunchFailed:
-            self._kill_failed_launch(agent, "sandbox_failed")
+            self.kill_agent(agent, "sandbox_failed", record=False)
             raise
         agent.helper_pids = found.helpers
         agent.sandbox = sandboxing.report(spec, user, found.checks)
         failed = agent.sandbox.failed
         if failed:
-            out = self._kill_failed_launch(agent, "sandbox_not_applied")
+            out = self.kill_agent(agent, "sandbox_not_applied", record=False)
             raise SandboxNotApplied(
                 "restriction(s) not applied, so the agent was killed "
                 f"({'verified' if out.verified_empty else 'NOT verified'} empty): "
                 + "; ".join(f"{c.name}: {c.detail}" for c in failed))
-
-    def _kill_failed_launch(self, agent: Agent, reason: str) -> killer.KillOutcome:
-        agent.request_end(reason)
-        out = killer.kill(agent, accepted_at=time.monotonic(),
-                          verify_timeout=self.cfg.kill_verify_timeout_s)
-        self.settle(agent, out)
-        return out
 
     def _discard_cgroup(self, group: AgentCgroup) -> None:
         try:
@@ -422,18 +413,20 @@ class Supervisor:
         fields.setdefault("ok", True)
         self.audit.append("result", command_id=vc.command_id.hex(), **fields)
 
-    def kill_agent(self, agent: Agent, reason: str) -> killer.KillOutcome:
-        """Kill agent on the daemon's own authority (a tripwire), and audit it.
+    def kill_agent(self, agent: Agent, reason: str, *, record: bool = True) -> killer.KillOutcome:
+        """Kill agent on the daemon's own authority (a tripwire, a failed launch).
 
         Not a signed command: the rule that fired was configured by an admin
-        and is named in the audit record by the caller.
+        and is named in the audit record by the caller. record=False when
+        the caller audits the failure itself (a launch refused as a result).
         """
         agent.request_end(reason)
         out = killer.kill(agent, accepted_at=time.monotonic(),
                           verify_timeout=self.cfg.kill_verify_timeout_s)
         self.settle(agent, out)
-        self.audit.append("agent_killed_by_daemon", reason=reason,
-                          **killer.outcome_fields(agent, out))
+        if record:
+            self.audit.append("agent_killed_by_daemon", reason=reason,
+                              **killer.outcome_fields(agent, out))
         return out
 
     # -------------------------------------------------------------- freeze
