@@ -140,11 +140,16 @@ class Failsafe:
         # already starting kills its own agent when it sees the latch.
         self.sup.latch.engage(vc.command.reason or "emergency stop", ",".join(vc.principals))
         running = self.sup.running()
-        before = {a.id: pids_of(a.cgroup) for a in running}
         for a in running:
             a.request_end("estop")
+        before: dict[str, list[int]] = {}
         with self.sup.reactor.kill_gate:
-            kill_all(a.cgroup for a in running)
+            # Each agent's count is read just before its own kill, not all
+            # counts before the first kill: with a thousand agents, a
+            # thousand reads would otherwise stand in front of every kill.
+            for a in running:
+                before[a.id] = pids_of(a.cgroup)
+                kill_all((a.cgroup,))
         emptied = wait_all_empty([a.cgroup for a in running],
                                  time.monotonic() + self.cfg.kill_verify_timeout_s)
         result = EstopResult()
