@@ -74,22 +74,26 @@ def start_daemon(root: Path, mode: str, extra: list[str] | None = None,
     return Daemon(root / "dev", mode=mode, extra=extra, keys=keys).start()
 
 
-@pytest.fixture(scope="module", params=["hybrid", "v2"])
-def daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
-    """A daemon per cgroup mode: both code paths run the same tests."""
+def mode_daemon(mode: str, config: str = "") -> Iterator[Daemon]:
+    """A daemon on one cgroup code path (for module fixtures parametrized by mode)."""
     if ROOT_REASON:
         pytest.skip(ROOT_REASON)
-    mode = str(request.param)
     if mode == "hybrid":
         from daemon.cgroups.layout import discover
 
         if not discover().v1:
             pytest.skip("this host has no v1 controllers: the hybrid path cannot run here")
     root = Path(tempfile.mkdtemp(prefix="agentd-t-"))
-    d = start_daemon(root, mode)
+    d = Daemon(root / "dev", mode=mode, config=config).start()
     yield d
     d.stop()
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=["hybrid", "v2"])
+def daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
+    """A daemon per cgroup mode: both code paths run the same tests."""
+    yield from mode_daemon(str(request.param))
 
 
 @pytest.fixture

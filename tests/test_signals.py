@@ -30,21 +30,9 @@ INTERVAL_S = 0.2
 @pytest.fixture(scope="module", params=["hybrid", "v2"])
 def sd(request: pytest.FixtureRequest) -> Iterator[Daemon]:
     """A daemon per cgroup mode that samples every 0.2 s."""
-    from tests.conftest import ROOT_REASON
+    from tests.conftest import mode_daemon
 
-    if ROOT_REASON:
-        pytest.skip(ROOT_REASON)
-    mode = str(request.param)
-    if mode == "hybrid":
-        from daemon.cgroups.layout import discover
-
-        if not discover().v1:
-            pytest.skip("this host has no v1 controllers: the hybrid path cannot run here")
-    root = Path(tempfile.mkdtemp(prefix="agentd-t-"))
-    d = Daemon(root / "dev", mode=mode, config=f"sample_interval_s = {INTERVAL_S}\n").start()
-    yield d
-    d.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    yield from mode_daemon(str(request.param), f"sample_interval_s = {INTERVAL_S}\n")
 
 
 @pytest.fixture
