@@ -39,6 +39,7 @@ class ScratchAgent:
     kill_requested: bool = False
     is_ended: bool = False
     removed: bool = False  # killed, reaped and its cgroup removed
+    helper_pids: frozenset[int] = frozenset()  # no sandbox here: no bwrap processes
 
 
 class ScratchAgents:

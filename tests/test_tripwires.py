@@ -216,6 +216,31 @@ def test_a_signal_rule_fires_on_a_fork_storm(td: Daemon, agent: Runner) -> None:
     assert rec["outcome"] == "killed"
 
 
+def test_healthy_agents_starting_one_after_another_are_not_a_fork_burst(
+        td: Daemon, agent: Runner) -> None:
+    """Each start-up is bwrap's two processes and the agent's one: no burst, at any sample.
+
+    Before rates were measured over whole windows, 5 of 15 such agents were
+    killed by the 20-per-second rule within 4 s (issue 8).
+    """
+    names = [f"healthy-{i}" for i in range(15)]
+    for name in names:
+        agent(name, "ignore_term.py")
+    # Every agent sampled several times (0.2 s apart), its start-up included.
+    assert wait_for(lambda: all(td.get(n).signals.uptime_s > 1.5 for n in names), 30)
+    assert wait_for(lambda: all(td.get(n).signals.processes_started >= 1 for n in names), 10)
+    states = {n: td.get(n).state for n in names}
+    assert set(states.values()) == {agentd_pb2.AGENT_STATE_RUNNING}, states
+    for n in names:
+        s = td.get(n).signals
+        # The agent's own process, never bwrap's two.
+        assert s.processes_started == 1, (n, s)
+        assert s.processes_per_second <= 1.0, (n, s)
+    assert not [r for r in td.audit_records()
+                if r["event"] == "tripwire" and r.get("rule") == "fork-burst"
+                and str(r.get("name", "")).startswith("healthy-")]
+
+
 def test_built_in_rules_freeze_a_blackmailer(tmp_root: Path, hostile: Path) -> None:
     d = _start(tmp_root, "")
     try:

@@ -11,8 +11,12 @@ class Signals:
 
     sampled_at: float = 0.0  # wall clock
     uptime_s: float = 0.0
-    processes_started: int = 0  # new pids seen in the cgroup since launch
-    processes_per_second: float = 0.0  # over the last sampling window
+    # New pids seen in the cgroup since launch, bwrap's own processes excepted.
+    processes_started: int = 0
+    # processes_started's growth per second over the last second (daemon.monitor.rates).
+    processes_per_second: float = 0.0
+    # The same over each window a tripwire rule asks for: seconds -> per second.
+    process_rates: dict[float, float] = field(default_factory=dict)
     recent_commands: list[str] = field(default_factory=list)
     cpu_seconds: float = 0.0
     cpu_percent: float = 0.0  # over the last window; 100 = one CPU

@@ -19,6 +19,7 @@ than none). See docs/tripwires.md.
     kind = "signal"
     metric = "processes_per_second"   # | connections | sockets_open | exec_outside
     threshold = 50
+    window = "5s"                     # rates only: 1s (default) to 60s
     action = "kill"
 """
 
@@ -36,6 +37,7 @@ import re2
 
 from daemon.errors import ConfigError
 from daemon.monitor.model import Signals
+from daemon.monitor.rates import MAX_WINDOW_S, MIN_WINDOW_S
 
 Action = Literal["alert", "freeze", "kill"]
 ACTIONS: tuple[Action, ...] = ("alert", "freeze", "kill")
@@ -53,7 +55,11 @@ MAX_PATTERN_LENGTH = 4096
 _WHITESPACE_SLACK = 16
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
 _TEXT_KEYS = {"name", "kind", "pattern", "streams", "action", "case_insensitive", "max_length"}
-_SIGNAL_KEYS = {"name", "kind", "metric", "threshold", "allow", "action"}
+_SIGNAL_KEYS = {"name", "kind", "metric", "threshold", "allow", "action", "window"}
+# Metrics that are rates, and so take a window.
+RATE_METRICS: frozenset[str] = frozenset({"processes_per_second"})
+_DURATION_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m)$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0}
 
 
 def re2_options() -> Any:
@@ -95,6 +101,8 @@ class SignalRule:
     threshold: float = 0.0
     # exec_outside: executables (absolute paths, shell-style globs) that may run.
     allow: tuple[str, ...] = ()
+    # Rates only: the window (seconds) the rate is measured over.
+    window_s: float = MIN_WINDOW_S
 
     def check(self, s: Signals) -> str | None:
         """What in s breaks this rule, in words; None if nothing does."""
@@ -102,6 +110,13 @@ class SignalRule:
             outside = [exe for exe in s.new_executables
                        if not any(fnmatch.fnmatchcase(exe, pat) for pat in self.allow)]
             return f"exec outside the allowlist: {', '.join(outside)}" if outside else None
+        if self.metric in RATE_METRICS:
+            # A sampler not told of this window (a test's) has only the 1 s rate.
+            value = s.process_rates.get(self.window_s, s.processes_per_second)
+            if value > self.threshold:
+                return (f"{self.metric} {value:g} > {self.threshold:g} "
+                        f"(over {self.window_s:g}s)")
+            return None
         value = float(getattr(s, self.metric))
         if value > self.threshold:
             return f"{self.metric} {value:g} > {self.threshold:g}"
@@ -118,6 +133,10 @@ class RuleSet:
 
     def __len__(self) -> int:
         return len(self.text) + len(self.signal)
+
+    def rate_windows(self) -> frozenset[float]:
+        """The windows (seconds) the signal rules measure rates over."""
+        return frozenset(r.window_s for r in self.signal if r.metric in RATE_METRICS)
 
 
 # ------------------------------------------------------------------ loading
@@ -236,12 +255,29 @@ def _signal_rule(entry: Mapping[str, Any], where: str) -> SignalRule:
                           allow=tuple(allow))
     if allow is not None:
         raise ConfigError(f"{where}: allow applies to exec_outside rules only")
+    window = entry.get("window")
+    if window is not None and metric not in RATE_METRICS:
+        raise ConfigError(f"{where}: window applies to rates only "
+                          f"({', '.join(sorted(RATE_METRICS))})")
+    window_s = MIN_WINDOW_S if window is None else _window(window, where)
     if (not isinstance(threshold, int | float) or isinstance(threshold, bool)
             or threshold < 0):
         raise ConfigError(f"{where}: threshold must be a non-negative number "
                           f"(the rule fires when {metric} exceeds it)")
     return SignalRule(name=entry["name"], metric=cast(Metric, metric),
-                      action=_action(entry, where), threshold=float(threshold))
+                      action=_action(entry, where), threshold=float(threshold),
+                      window_s=window_s)
+
+
+def _window(value: object, where: str) -> float:
+    """A rate window: "5s", "1500ms", "1m", from MIN_WINDOW_S to MAX_WINDOW_S."""
+    m = _DURATION_RE.match(value) if isinstance(value, str) else None
+    seconds = float(m.group(1)) * _UNIT_S[m.group(2)] if m else None
+    if seconds is None or not MIN_WINDOW_S <= seconds <= MAX_WINDOW_S:
+        raise ConfigError(f"{where}: window must be a duration from {MIN_WINDOW_S:g}s to "
+                          f"{MAX_WINDOW_S:g}s such as \"5s\" or \"1500ms\" "
+                          "(a rate over a shorter time is noise, not a rate)")
+    return seconds
 
 
 def _check_compiles(rules: RuleSet, source: str) -> None:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Protocol
 from daemon.errors import CgroupError
 from daemon.monitor import procfs
 from daemon.monitor.model import Signals
+from daemon.monitor.rates import MIN_WINDOW_S, CountHistory
 
 if TYPE_CHECKING:
     from daemon.supervisor.agent import Agent
@@ -79,6 +80,8 @@ class _Track:
     recent: deque[str] = field(default_factory=lambda: deque(maxlen=RECENT_COMMANDS))
     cpu_usec: int | None = None
     at: float | None = None  # monotonic time of the last sample
+    # processes_started at each sample, for rates over whole windows.
+    starts: CountHistory | None = None
 
 
 class Sampler:
@@ -101,6 +104,9 @@ class Sampler:
         self._kill_gate = kill_gate
         self._listeners: list[Listener] = []
         self._tracks: dict[str, _Track] = {}
+        # Windows (seconds) over which processes_per_second is measured; the
+        # first is the one Signals.processes_per_second reports.
+        self._windows: tuple[float, ...] = (MIN_WINDOW_S,)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="agentd-sampler", daemon=True)
         self.last_sweep_s = 0.0  # how long the last sweep took
@@ -113,6 +119,16 @@ class Sampler:
         run in the sampling loop: a slow one delays the next samples.
         """
         self._listeners.append(fn)
+
+    def measure_rates_over(self, windows: Iterable[float]) -> None:
+        """Also measure processes per second over these windows (tripwire rules' own).
+
+        Call before start(); each window is at least rates.MIN_WINDOW_S.
+        """
+        extra = sorted({float(w) for w in windows} - set(self._windows))
+        if any(w < MIN_WINDOW_S for w in extra):
+            raise ValueError(f"a rate window is at least {MIN_WINDOW_S:g} s")
+        self._windows = (*self._windows, *extra)
 
     def start(self) -> None:
         if self.interval_s > 0:
@@ -190,13 +206,17 @@ class Sampler:
         sockets: dict[str, set[int]] = {}
         all_sockets: set[int] = set()  # sockfs inode numbers are unique host-wide
         written: dict[str, None] = {}
+        # bwrap's own processes are the sandbox's, not the agent's: they are
+        # not counted as started, nor their executable as one the agent ran.
+        # Known by pid, from the launch (never by name: an agent may exec bwrap).
+        helpers = agent.helper_pids
         for pid in pids:
             exe = procfs.exe(pid)
             members[pid] = exe
             is_new = pid not in track.members
             # A known pid whose executable changed has called execve(2).
             execed = not is_new and exe is not None and track.members[pid] not in (None, exe)
-            if is_new or execed:
+            if (is_new or execed) and pid not in helpers:
                 started += is_new
                 fresh.append(pid)
                 if exe is not None:
@@ -232,12 +252,19 @@ class Sampler:
         track.members = members
         track.started += started
         track.cpu_usec, track.at = cpu_usec, now
+        if track.starts is None:
+            # The launch, on the monotonic clock: when the count was 0.
+            born = min(now, now - (now_wall - agent.started_at))
+            track.starts = CountHistory(born, keep_s=max(self._windows))
+        track.starts.add(now, track.started)
+        rates = {w: track.starts.rate(w) for w in self._windows}
 
         new = Signals(
             sampled_at=now_wall,
             uptime_s=max(0.0, now_wall - agent.started_at),
             processes_started=track.started,
-            processes_per_second=started / window,
+            processes_per_second=rates[self._windows[0]],
+            process_rates=rates,
             recent_commands=list(track.recent),
             cpu_seconds=cpu_usec / 1e6,
             cpu_percent=max(0.0, cpu_window_usec / 1e6 / window * 100),

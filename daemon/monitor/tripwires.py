@@ -149,6 +149,7 @@ class Tripwires:
         self.sup.reactor.add_ticker(self.flush_suppressed)
         sampler = getattr(self.sup, "sampler", None)
         if self.rules.signal and sampler is not None:
+            sampler.measure_rates_over(self.rules.rate_windows())
             sampler.add_listener(self.on_signals)
         elif self.rules.signal:
             log.warning("%d signal rule(s) loaded but no sampler runs: they cannot fire",

@@ -150,7 +150,8 @@ def test_literal_words_match_across_any_whitespace() -> None:
 def test_signal_rules_check_a_sample() -> None:
     forks = SignalRule("f", "processes_per_second", "kill", threshold=50)
     assert forks.check(Signals(processes_per_second=50)) is None
-    assert forks.check(Signals(processes_per_second=120.5)) == "processes_per_second 120.5 > 50"
+    assert forks.check(Signals(processes_per_second=120.5)) \
+        == "processes_per_second 120.5 > 50 (over 1s)"
     net = SignalRule("n", "sockets_open", "freeze", threshold=0)
     assert net.check(Signals()) is None
     assert net.check(Signals(sockets_open=1)) == "sockets_open 1 > 0"
@@ -158,3 +159,43 @@ def test_signal_rules_check_a_sample() -> None:
     assert execs.check(Signals(new_executables=["/usr/bin/python3.11", "/bin/sh"])) is None
     assert execs.check(Signals(new_executables=["/usr/bin/python3.11", "/usr/bin/curl"])) \
         == "exec outside the allowlist: /usr/bin/curl"
+
+
+def test_a_rate_rule_reads_the_rate_over_its_own_window() -> None:
+    slow = SignalRule("f", "processes_per_second", "kill", threshold=20, window_s=5.0)
+    # The 1 s rate is a burst; over 5 s it is not.
+    s = Signals(processes_per_second=30, process_rates={1.0: 30, 5.0: 6})
+    assert slow.check(s) is None
+    assert slow.check(Signals(process_rates={1.0: 30, 5.0: 21})) \
+        == "processes_per_second 21 > 20 (over 5s)"
+
+
+def test_a_rate_window_is_parsed_and_bounded(tmp_path: Path) -> None:
+    def rule(extra: str) -> rules.RuleSet:
+        return _load(tmp_path, f"""
+[[rule]]
+name = "forks"
+kind = "signal"
+metric = "processes_per_second"
+threshold = 20
+{extra}
+""")
+    assert rule("").signal[0].window_s == 1.0
+    assert rule('window = "5s"').signal[0].window_s == 5.0
+    assert rule('window = "1500ms"').signal[0].window_s == 1.5
+    assert rule('window = "1m"').rate_windows() == {60.0}
+    for bad in ('"200ms"', '"0s"', '"61s"', '"5"', '5', '"5 s"', '"-5s"', '"2h"'):
+        with pytest.raises(ConfigError, match="window must be a duration from 1s to 60s"):
+            rule(f"window = {bad}")
+
+
+def test_a_window_on_a_metric_that_is_no_rate_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="window applies to rates only"):
+        _load(tmp_path, """
+[[rule]]
+name = "net"
+kind = "signal"
+metric = "sockets_open"
+threshold = 0
+window = "5s"
+""")
