@@ -17,7 +17,7 @@ from types import FrameType
 from agentd.v1 import agentd_pb2
 from systemd.daemon import notify as sd_notify
 
-from daemon import __version__, config, hostid, journal, metrics
+from daemon import __version__, children, config, hostid, journal, metrics
 from daemon.api.server import serve, timestamp
 from daemon.audit import AuditLog
 from daemon.auth import Limits, ReplayCache, TrustStoreFile
@@ -105,6 +105,9 @@ def run(cfg: config.Config) -> int:
     if os.geteuid() != 0:
         raise ConfigError("agentd must run as root: it owns cgroups and drops agents' privileges")
     _raise_nofile()
+    # Orphans of agents' trees (bwrap's inner process after a kill) come to
+    # the daemon, which reaps them (daemon.children), not to the host's init.
+    children.become_subreaper()
     # A thread waiting for the interpreter after a syscall waits up to one
     # switch interval (5 ms by default) while others run Python. The kill
     # paths make a syscall or two per agent; with a thousand agents being

@@ -7,6 +7,7 @@ Runs against a real daemon on the real kernel, once per cgroup code path
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,48 @@ def test_unprivileged_agent_cannot_escape_or_reach_the_daemon(daemon: Daemon,
     assert info.host_id == daemon.host_id
     result = daemon.kill(agent.name)
     _assert_gone(daemon, agent, members, result)
+
+
+def _zombies_left(daemon: Daemon, members: list[int], timeout: float = 10.0) -> list[str]:
+    """Wait for every member to be reaped; report any that a process other than ours reaps.
+
+    While a member lingers as a zombie its parent must be the daemon (a child
+    subreaper) or another member: one re-parented to the host's init is left
+    to whatever that init does about zombies.
+    """
+    wrong: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lingering = []
+        for pid in members:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue  # reaped
+            fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+            if not fields.get("State", "").startswith("Z"):
+                continue  # gone, and the pid reused by a live process
+            ppid = int(fields["PPid"])
+            if ppid != daemon.pid and ppid not in members:
+                wrong.append(f"pid {pid} is a zombie of pid {ppid}, not of the daemon")
+            lingering.append(pid)
+        if wrong or not lingering:
+            return wrong
+        time.sleep(0.005)
+    return [f"pid {pid} still a zombie after {timeout:g} s" for pid in lingering] + wrong
+
+
+@pytest.mark.parametrize("action", [*ACTIONS, "exit"])
+def test_no_zombie_is_left_of_an_agent(daemon: Daemon, hostile: Path, action: str) -> None:
+    """After kill, stop and a normal exit, every process of the agent is reaped by the daemon."""
+    go = hostile / f"exit-now-{next(_names)}"
+    agent, members = _launch(daemon, hostile, "ignore_term.py", str(go))
+    assert len(members) == 1 + SANDBOX_PROCS
+    if action == "exit":
+        go.touch()
+        assert wait_for(lambda: daemon.get(agent.name).state == agentd_pb2.AGENT_STATE_EXITED,
+                        15)
+        assert daemon.get(agent.name).exit_code == 0
+    else:
+        _end(daemon, agent.name, action)
+    assert _zombies_left(daemon, members) == []

@@ -38,6 +38,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import IO, TYPE_CHECKING, cast
 
+from daemon import children
 from daemon.monitor.rules import SEVERITY
 
 if TYPE_CHECKING:
@@ -310,10 +311,10 @@ class DetectorLink:
                   "extra_groups": list(self.user.groups)}
         # Unbuffered: stdin is written in whole lines under _stdin_lock, and a
         # buffered writer's own lock would make closing it wait on a blocked write.
-        return subprocess.Popen(  # type: ignore[call-overload, no-any-return]
+        return children.spawn(lambda: subprocess.Popen(  # type: ignore[call-overload]
             self.argv, bufsize=0, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
             cwd="/", env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-            close_fds=True, start_new_session=True, umask=0o077, **kw)
+            close_fds=True, start_new_session=True, umask=0o077, **kw))
 
     def _read(self, out: IO[bytes]) -> None:
         window_start, lines = time.monotonic(), 0

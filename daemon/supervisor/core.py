@@ -13,6 +13,7 @@ import time
 
 from agentd.v1 import agentd_pb2
 
+from daemon import children
 from daemon.audit import AuditLog
 from daemon.auth import VerifiedCommand
 from daemon.auth.truststore import Role
@@ -95,10 +96,12 @@ class Supervisor:
             log.warning("agents cannot be sandboxed, so every run will be refused: %s", problem)
         self.tree.prepare()
         killed = self._kill_leftovers()
+        self.reactor.add_ticker(children.reap_orphans)
         self.reactor.start()
         self.enforcer.start()
-        self.sampler.start()
+        # Tripwires first: they tell the sampler which rate windows to measure.
         self.tripwires.start()
+        self.sampler.start()
         return killed
 
     def _kill_leftovers(self) -> list[str]:
@@ -358,6 +361,9 @@ class Supervisor:
         except CgroupError:
             log.exception("finalising agent %s", agent.id)
         agent.oom_kills = group.oom_kills()
+        # bwrap's inner process, orphaned by the outer one's death: reaped now
+        # rather than at the reactor's next pass.
+        children.reap_orphans()
         agent.mark_ended()
         group.remove()
         self.audit.append(

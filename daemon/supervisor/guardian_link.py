@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Self
 
+from daemon import children
 from daemon.audit import AuditLog
 from daemon.errors import GuardianError
 from daemon.supervisor.pipes import read_until_eof
@@ -72,7 +73,7 @@ class Guardian:
         try:
             # subprocess forks and execs in C (no preexec_fn), safe in the
             # threaded daemon; pass_fds makes just these two inheritable.
-            proc = subprocess.Popen(
+            proc = children.spawn(lambda: subprocess.Popen(
                 [sys.executable, "-I", "-S", str(GUARDIAN), json.dumps(spec)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -83,7 +84,7 @@ class Guardian:
                 start_new_session=True,
                 env={},
                 cwd="/",
-            )
+            ))
         except OSError as err:
             for fd in (beat_r, beat_w, ready_r, ready_w):
                 os.close(fd)

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon import children
 from daemon.cgroups.tree import AgentCgroup
 from daemon.errors import LaunchFailed
 from daemon.supervisor.pipes import read_until_eof
@@ -62,7 +63,7 @@ def spawn(
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     try:
-        proc = subprocess.Popen(
+        proc = children.spawn(lambda: subprocess.Popen(
             [sys.executable, "-I", "-S", str(SHIM), str(status_w), json.dumps(spec)],
             stdin=subprocess.DEVNULL,
             stdout=out_w,
@@ -74,7 +75,7 @@ def spawn(
             start_new_session=True,
             env={},
             cwd="/",
-        )
+        ))
     except OSError as err:
         for fd in (status_r, status_w, out_r, out_w, err_r, err_w):
             os.close(fd)

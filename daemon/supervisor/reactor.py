@@ -91,7 +91,7 @@ class Reactor:
         self._thread = threading.Thread(target=self._run, name="agentd-reactor", daemon=True)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agentd-final")
         self.last_tick = time.monotonic()
-        self._tickers: list[Callback] = []
+        self._tickers: list[Callable[[], object]] = []
         # Held by a burst of kills (estop, expiring leases) while it writes
         # cgroup.kill: the loop waits for it before dispatching events, so the
         # reaping a kill sets off does not compete with the rest of the burst
@@ -107,8 +107,8 @@ class Reactor:
         self._thread.join(timeout=5)
         self.pool.shutdown(wait=True)
 
-    def add_ticker(self, fn: Callback) -> None:
-        """Run fn on every loop pass (at least once a second)."""
+    def add_ticker(self, fn: Callable[[], object]) -> None:
+        """Run fn on every loop pass (at least once a second); what it returns is ignored."""
         self._tickers.append(fn)
 
     def _call_soon(self, fn: Callback) -> None:
