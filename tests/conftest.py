@@ -41,6 +41,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say which cgroup code paths ran against this host's kernel, and which did not."""
+    try:
+        from daemon.cgroups.layout import LIMIT_CONTROLLERS, discover
+
+        layout = discover()
+    except Exception as err:
+        terminalreporter.write_line(f"cgroup paths: none ran on this host's kernel ({err})")
+        return
+    in_v2 = [c for c in LIMIT_CONTROLLERS if c in layout.v2_controllers]
+    terminalreporter.write_sep("=", "cgroup code paths on this host")
+    terminalreporter.write_line(
+        f"host: {layout.mode.value}, cgroup2 at {layout.unified}; v1 controllers: "
+        f"{', '.join(sorted(layout.v1)) or 'none'}; v2 controllers: "
+        f"{', '.join(sorted(layout.v2_controllers)) or 'none'}")
+    terminalreporter.write_line(
+        "kill, freeze, events (v2 files): ran on the kernel in both modes")
+    if in_v2:
+        terminalreporter.write_line(
+            f"limits through v2 controllers ({', '.join(in_v2)}): ran on the kernel")
+    else:
+        terminalreporter.write_line(
+            "limits through v2 controllers: NOT on this kernel (the v2 hierarchy holds "
+            f"none of {', '.join(LIMIT_CONTROLLERS)} here); that logic ran on a fake "
+            "cgroupfs (tests/unit/test_cgroup_v2_fake.py)")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_leftovers() -> Iterator[None]:
     """Fail the run if any agent process or test cgroup outlives the suite."""

@@ -5,13 +5,22 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import tempfile
 from pathlib import Path
 
 import grpc
 import pytest
 from agentd.v1 import agentd_pb2
 
-from tests.harness import AGENT_PYTHON, SANDBOX_PROCS, Daemon, alive, pids_in, wait_for
+from tests.harness import (
+    AGENT_PYTHON,
+    HOSTILE_PARENT,
+    SANDBOX_PROCS,
+    Daemon,
+    alive,
+    pids_in,
+    wait_for,
+)
 
 pytestmark = pytest.mark.root
 
@@ -93,12 +102,39 @@ def test_bad_run_requests_get_clear_errors(fresh_daemon: Daemon, name: str, argv
     assert exc.value.code() == code
     assert words in (exc.value.details() or ""), exc.value.details()
     assert d.stub.Info(agentd_pb2.InfoRequest(), timeout=5).host_id  # still serving
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        # The failed launch left no cgroup behind.
-        base = Path(d.stub.ListAgents(agentd_pb2.ListAgentsRequest(), timeout=5).agents[0]
-                    .cgroup_paths[0]).parent if d.stub.ListAgents(
-                        agentd_pb2.ListAgentsRequest(), timeout=5).agents else None
-        assert base is None or not list(base.iterdir())
+    _assert_no_agent_cgroups(d)
+
+
+def _assert_no_agent_cgroups(d: Daemon) -> None:
+    """No agent cgroup in the daemon's subtree, in any hierarchy.
+
+    The subtree is derived from the daemon's cgroup name, not from what the
+    daemon lists: a cgroup it forgot would not be listed.
+    """
+    from daemon.cgroups.layout import discover
+    from daemon.cgroups.tree import AgentTree
+
+    tree = AgentTree(discover(d.mode), d.cgroup_name)
+    for base in (tree.base_v2, *tree.base_v1.values()):
+        assert base.is_dir(), f"the daemon's subtree {base} does not exist"
+        assert [p.name for p in base.iterdir() if p.is_dir()] == [], base
+
+
+def test_a_launch_that_fails_after_its_cgroup_is_made_leaves_none(fresh_daemon: Daemon) -> None:
+    """The entrypoint passes the pin (root can read it) but the agent's user cannot exec it."""
+    d = fresh_daemon
+    with tempfile.NamedTemporaryFile("w", dir=HOSTILE_PARENT, suffix=".sh",
+                                     delete=False) as f:
+        f.write("#!/bin/sh\nexit 0\n")
+    try:
+        os.chmod(f.name, 0o700)  # root's alone
+        with pytest.raises(grpc.RpcError) as exc:
+            d.run("not-for-you", [f.name])
+        assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION, exc.value.details()
+        assert "did not start" in (exc.value.details() or ""), exc.value.details()
+    finally:
+        os.unlink(f.name)
+    _assert_no_agent_cgroups(d)
 
 
 def test_unknown_agent(fresh_daemon: Daemon) -> None:
