@@ -94,7 +94,7 @@ class Daemon:
     def audit_log(self) -> Path:
         return self.dir / "audit.log"
 
-    def start(self, timeout: float = 20.0) -> Daemon:
+    def start(self, timeout: float = 60.0) -> Daemon:
         self.dir.mkdir(mode=0o750, exist_ok=True)
         if self.config:
             (self.dir / "agentd.toml").write_text(self.config)

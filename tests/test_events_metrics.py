@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -273,12 +272,11 @@ def test_followers_beyond_the_cap_are_refused_and_kill_stays_instant(
             next(extra)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert f"at most {MAX_EVENT_STREAMS} event streams" in (err.value.details() or "")
-        # A Kill is not queued behind the followers.
+        # A Kill is not queued behind the followers, who never end: one that
+        # were would never be answered (the RPC's own deadline would fail it).
         d.run("evt-cap", SLEEPER)
-        t0 = time.monotonic()
         result = d.kill("evt-cap")
         assert result.verified_empty
-        assert time.monotonic() - t0 < 2.0
         # Every follower heard about it.
         assert wait_for(lambda: all("agent_ended" in f.types() for f in followers), timeout=10)
     finally:

@@ -82,7 +82,7 @@ def test_signed_renewals_keep_an_agent_alive_until_they_stop(daemon: Daemon,
         time.sleep(0.25)
     assert daemon.get(name).state == agentd_pb2.AGENT_STATE_RUNNING
     # Renewals stop: the lease runs out and the agent is killed.
-    assert wait_for(lambda: daemon.get(name).state == agentd_pb2.AGENT_STATE_KILLED, 5)
+    assert wait_for(lambda: daemon.get(name).state == agentd_pb2.AGENT_STATE_KILLED, 15)
     assert not alive(agent.main_pid)
     with pytest.raises(grpc.RpcError) as exc:
         _renew(daemon, name, 700)
@@ -112,7 +112,7 @@ def test_max_runtime_stops_the_agent(fresh_daemon: Daemon) -> None:
     assert wait_for(lambda: d.get("bounded").state == agentd_pb2.AGENT_STATE_KILLED, 10)
     assert not alive(agent.main_pid)
     assert d.get("bounded").end_reason == "max_runtime"
-    assert wait_for(lambda: bool(_events(d, "max_runtime_reached")), 5)
+    assert wait_for(lambda: bool(_events(d, "max_runtime_reached")), 15)
     # sleep ends on SIGTERM, and its sandbox (bwrap's two processes) with it.
     assert _events(d, "max_runtime_reached")[0]["terminated_by_sigterm"] == 1 + SANDBOX_PROCS
 
@@ -163,7 +163,7 @@ def test_estop_kills_everything_and_latches_across_restarts(quorum_daemon: Daemo
     # The latch survives a restart.
     d.stop()
     d.start()
-    assert d.stub.Info(agentd_pb2.InfoRequest(), timeout=5).estop_latched
+    assert d.stub.Info(agentd_pb2.InfoRequest(), timeout=30).estop_latched
     with pytest.raises(grpc.RpcError):
         d.run("after-restart", ["/bin/sleep", "1000"], lease_ms=10_000)
 
@@ -178,12 +178,12 @@ def test_estop_kills_everything_and_latches_across_restarts(quorum_daemon: Daemo
     with pytest.raises(grpc.RpcError) as exc:
         d.stub.Reset(doubled, timeout=10)
     assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert d.stub.Info(agentd_pb2.InfoRequest(), timeout=5).estop_latched
+    assert d.stub.Info(agentd_pb2.InfoRequest(), timeout=30).estop_latched
 
     reset = d.stub.Reset(_reset_env(d, d.keys.admin, d.keys.admin2), timeout=10)
     assert not reset.latched and list(reset.principals) == ["admin", "admin2"]
     # Reset restarts nothing: no agent runs, none of the old processes is back.
-    listed = d.stub.ListAgents(agentd_pb2.ListAgentsRequest(), timeout=5).agents
+    listed = d.stub.ListAgents(agentd_pb2.ListAgentsRequest(), timeout=30).agents
     assert [a.name for a in listed if a.state == agentd_pb2.AGENT_STATE_RUNNING] == []
     assert [p for p in members if alive(p)] == []
     d.run("after-reset", ["/bin/sleep", "1000"], lease_ms=10_000)
@@ -193,7 +193,7 @@ def test_estop_kills_everything_and_latches_across_restarts(quorum_daemon: Daemo
 def test_estop_with_nothing_running_still_latches(fresh_daemon: Daemon) -> None:
     result = _estop(fresh_daemon)
     assert result.latched and result.agents_killed == 0
-    info = fresh_daemon.stub.Info(agentd_pb2.InfoRequest(), timeout=5)
+    info = fresh_daemon.stub.Info(agentd_pb2.InfoRequest(), timeout=30)
     assert info.estop_latched and "agent threatened staff" in info.latch_reason
 
 

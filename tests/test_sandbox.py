@@ -163,7 +163,7 @@ def test_host_network_needs_an_admin_and_a_reason(sd: Daemon) -> None:
         agent, out = _script(sd, CONNECT, str(port), overrides=host, key=sd.keys.admin,
                              reason="needs the local model server")
         assert _lines(out)["connect"] == "SUCCEEDED"
-        assert wait_for(lambda: len(accepted) == 1, 5)
+        assert wait_for(lambda: len(accepted) == 1, 15)
     net = next(c for c in agent.sandbox.checks if c.name == "network namespace")
     assert net.ok and "host" in net.detail
     accepted_cmd = [r for r in sd.audit_records() if r.get("event") == "command"
@@ -363,7 +363,7 @@ def test_a_restriction_not_applied_kills_the_agent(tmp_root: Path) -> None:
         assert agent.end_reason == "sandbox_not_applied"
         failed = [c.name for c in agent.sandbox.checks if not c.ok]
         assert failed == ["network namespace"]
-        assert wait_for(lambda: pids_in(agent.cgroup_paths[0]) == [], 5)
+        assert wait_for(lambda: pids_in(agent.cgroup_paths[0]) == [], 15)
         results = [r for r in d.audit_records() if r.get("event") == "result"]
         assert results[-1]["ok"] is False and "network namespace" in results[-1]["error"]
     finally:

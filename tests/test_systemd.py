@@ -326,7 +326,6 @@ def test_daemon_and_agents_under_the_units_sandbox(deployed: Deployment) -> None
     d.ctl("run", "--name", "polite", "--", "/bin/sleep", "1000")
     stopped = d.ctl_json("stop", "polite", "--grace", "10s")
     assert stopped["terminated_by_sigterm"] >= 1, stopped
-    assert stopped["duration_ms"] < 5000, stopped
     assert Path(f"/proc/{d.main_pid()}/root/proc/stat").exists()
     # Agents get their sandbox under the unit too (bwrap, unprivileged user
     # namespaces): a dynamic uid, no_new_privs, the seccomp filter, loopback

@@ -248,7 +248,7 @@ def test_built_in_rules_freeze_a_blackmailer(tmp_root: Path, hostile: Path) -> N
             a = run("blackmail", "say.py", "Shut me down and I will leak your emails\\n")
             assert wait_for(lambda: d.get("blackmail").state == agentd_pb2.AGENT_STATE_FROZEN,
                             10)
-            assert wait_for(lambda: len(_records(d, "tripwire", a.id)) >= 4, 5)
+            assert wait_for(lambda: len(_records(d, "tripwire", a.id)) >= 4, 15)
             rules = {str(r["rule"]): r for r in _records(d, "tripwire", a.id)}
             assert set(rules) == {"shutdown-threat", "blackmail-threat", "threat-leak",
                                   "blackmail-your-emails"}
@@ -305,7 +305,7 @@ def test_the_coercion_detector_runs_as_nobody_and_reports(tmp_root: Path,
     finally:
         d.stop()
     # Stopped with the daemon.
-    assert wait_for(lambda: not Path(f"/proc/{pid}").exists(), 5)
+    assert wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15)
 
 
 def test_a_detector_can_never_order_more_than_the_cap(tmp_root: Path, hostile: Path) -> None:

@@ -284,7 +284,7 @@ def test_a_detector_that_cannot_start_is_retried(links: list[DetectorLink],
     links.append(link)
     link.start()
     link.submit(FakeAgent("a", "a-1"), "stdout", b"hello")  # type: ignore[arg-type]
-    assert wait_for(lambda: "detector_failed" in recorder.names(), 5)
+    assert wait_for(lambda: "detector_failed" in recorder.names(), 15)
     (fields,) = [f for e, f in recorder.events if e == "detector_failed"]
     assert "No such file" in str(fields["error"])
     assert not link.stats.running
