@@ -313,6 +313,65 @@ def test_events_into_a_pipe_are_the_exact_text() -> None:
     assert result.stdout == "2025-06-15 15:06:40Z  rule      excerpt \x1b]52;c;aGk=\x07\n"
 
 
+# --------------------------------------------------------------------- logs
+def _chunk(stream: str, data: bytes) -> agentd_pb2.LogChunk:
+    return agentd_pb2.LogChunk(stream=stream, data=data)
+
+
+# Interleaved, each stream with a character and an escape sequence split
+# across its chunks: the two streams must not share a decoder.
+CHUNKS = [
+    _chunk("stdout", b"build ok\n\x1b]0;pw"),
+    _chunk("stderr", b"warn \x1b]52;c;aGk=\x07\xc2"),
+    _chunk("stdout", b"ned\x07caf\xc3"),
+    _chunk("stderr", b"\x9b2J\n"),
+    _chunk("stdout", b"\xa9\t\xff\x1b[2J\r\nend\xe4\xb8"),
+]
+STDOUT = b"".join(c.data for c in CHUNKS if c.stream == "stdout")
+STDERR = b"".join(c.data for c in CHUNKS if c.stream == "stderr")
+STDOUT_SHOWN = "build ok\n\\x1b]0;pwned\\x07café\t\\xff\\x1b[2J\\r\nend\\xe4\\xb8".encode()
+STDERR_SHOWN = b"warn \\x1b]52;c;aGk=\\x07\\x9b2J\n"
+
+
+def test_logs_on_a_terminal_are_escaped_stream_by_stream(terminal: Any) -> None:
+    shown = terminal(["logs", "rogue"], _Daemon(chunks=CHUNKS))
+
+    assert shown.exit_code == 0, shown.stderr
+    assert shown.stdout == STDOUT_SHOWN
+    assert shown.stderr == STDERR_SHOWN
+
+
+def test_logs_into_a_pipe_are_the_exact_bytes() -> None:
+    result = _pipe(["logs", "rogue"], _Daemon(chunks=CHUNKS))
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout_bytes == STDOUT
+    assert result.stderr_bytes == STDERR
+
+
+def test_logs_raw_on_a_terminal_are_the_exact_bytes(terminal: Any) -> None:
+    shown = terminal(["logs", "rogue", "--raw"], _Daemon(chunks=CHUNKS))
+
+    assert shown.stdout == STDOUT
+    assert shown.stderr == STDERR
+
+
+def test_logs_of_one_stream_on_a_terminal(terminal: Any) -> None:
+    shown = terminal(["logs", "rogue", "--stderr"], _Daemon(chunks=CHUNKS))
+
+    assert shown.stdout == STDERR_SHOWN
+    assert shown.stderr == b""
+
+
+def test_logs_json_on_a_terminal_is_ascii(terminal: Any) -> None:
+    chunk = _chunk("stdout", "\u202eexe.txt \x9b2J \x1b]0;t\x07".encode())
+
+    shown = terminal(["logs", "rogue", "--json"], _Daemon(chunks=[chunk]))
+
+    assert shown.stdout.isascii()
+    assert json.loads(shown.stdout) == {"stream": "stdout", "text": chunk.data.decode()}
+
+
 # ------------------------------------------------------------ errors, kills
 def test_an_error_on_a_terminal_is_escaped(terminal: Any) -> None:
     daemon = _Daemon(fail=NotFound("NOT_FOUND: no agent named 'x\x1b]0;t\x07'"))
