@@ -1,6 +1,7 @@
 """What every command shares: the settings from global options, and the options themselves.
 
-``--json`` and ``--raw`` are accepted on the group and on every subcommand, ``--socket`` on
+``--json`` is accepted on the group and on every subcommand, ``--raw`` on
+the group and on every command that prints agent text, ``--socket`` on
 every command that talks to the daemon, ``--key`` on every signing command:
 an operator typing ``agentctl kill rogue --key ~/.ssh/id_ed25519`` at 3 a.m.
 should not be told the option belongs before the command name.
