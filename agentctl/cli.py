@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 import click
 
+from agentctl import safetext
 from agentctl.cmd_agents import COMMANDS
 from agentctl.cmd_audit import audit
 from agentctl.cmd_events import events
@@ -85,7 +86,10 @@ def _one_line(err: click.ClickException) -> str:
 
 
 def _fail(err: click.ClickException) -> NoReturn:
-    click.echo(f"agentctl: error: {_one_line(err)}", err=True)
+    # The daemon's reasons name agents, paths and commands an agent may have
+    # chosen. Escaped on a terminal even with --raw: an error is read, not parsed.
+    line = f"agentctl: error: {_one_line(err)}"
+    click.echo(safetext.escape(line) if safetext.is_terminal(sys.stderr) else line, err=True)
     sys.exit(err.exit_code)
 
 
@@ -104,15 +108,23 @@ def _fail(err: click.ClickException) -> NoReturn:
     "comes from $AGENTCTL_KEY_PASSPHRASE or a prompt.",
 )
 @click.option("--json", "json_output", is_flag=True, help="Print results as JSON.")
+@click.option(
+    "--raw", "raw_output", is_flag=True,
+    help="Print agent text as it is, control characters included, even on a terminal "
+    "(by default a terminal gets them escaped: \\x1b, \\r).",
+)
 @click.version_option(package_name="agentd", prog_name="agentctl")
 @click.pass_context
-def cli(ctx: click.Context, socket: Path, key: Path | None, json_output: bool) -> None:
+def cli(
+    ctx: click.Context, socket: Path, key: Path | None, json_output: bool, raw_output: bool
+) -> None:
     """Control agentd, the kill switch for AI agents.
 
     To end an agent now: agentctl --key KEY kill NAME
     """
     settings = ctx.ensure_object(Settings)
     settings.socket, settings.key, settings.json = socket, key, json_output
+    settings.raw = raw_output
     ctx.call_on_close(settings.close)
 
 

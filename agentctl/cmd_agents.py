@@ -23,6 +23,7 @@ from agentctl.context import (
     emit_json,
     json_option,
     pass_settings,
+    raw_option,
     signing_options,
     socket_option,
 )
@@ -38,6 +39,7 @@ _UINT32_MAX = 2**32 - 1
 @click.command()
 @socket_option
 @json_option
+@raw_option
 @pass_settings
 def info(settings: Settings) -> None:
     """Show the daemon's host id (the audience), limits and audit head."""
@@ -45,12 +47,13 @@ def info(settings: Settings) -> None:
     if settings.json:
         emit_json(render.to_dict(resp))
     else:
-        click.echo(render.info_text(resp, settings.now()))
+        click.echo(render.info_text(settings.shown(resp), settings.now()))
 
 
 @click.command()
 @socket_option
 @json_option
+@raw_option
 @pass_settings
 def ps(settings: Settings) -> None:
     """List agents: name, state, process count, memory, uptime, user, id."""
@@ -60,13 +63,14 @@ def ps(settings: Settings) -> None:
     elif not agents:
         click.echo("no agents")
     else:
-        click.echo(render.agents_table(agents, settings.now()))
+        click.echo(render.agents_table([settings.shown(a) for a in agents], settings.now()))
 
 
 @click.command()
 @click.argument("name")
 @socket_option
 @json_option
+@raw_option
 @pass_settings
 def status(settings: Settings, name: str) -> None:
     """Show everything the daemon knows about agent NAME."""
@@ -192,6 +196,7 @@ def thaw(settings: Settings, *, name: str, sign: SignOptions) -> None:
 @click.argument("file", type=click.File("r"), metavar="FILE")
 @socket_option
 @json_option
+@raw_option
 @pass_settings
 def send(settings: Settings, file: IO[str]) -> None:
     """Send a signed envelope (DSSE JSON, from --sign-only) read from FILE or - (stdin)."""
@@ -262,7 +267,7 @@ def _print_agent(settings: Settings, agent: agentd_pb2.Agent) -> None:
     if settings.json:
         emit_json(render.to_dict(agent))
     else:
-        click.echo(render.agent_text(agent, settings.now()))
+        click.echo(render.agent_text(settings.shown(agent), settings.now()))
 
 
 def report_kill(settings: Settings, result: agentd_pb2.KillResult, verb: str) -> None:
@@ -270,7 +275,7 @@ def report_kill(settings: Settings, result: agentd_pb2.KillResult, verb: str) ->
     if settings.json:
         emit_json(render.to_dict(result))
     else:
-        click.echo(render.kill_text(result, verb))
+        click.echo(render.kill_text(settings.shown(result), verb))
     if not result.verified_empty:
         pids = " ".join(str(p.pid) for p in result.stuck) or "unknown"
         err = KillIncomplete(
@@ -286,6 +291,7 @@ def report_renew(settings: Settings, result: agentd_pb2.LeaseResult) -> None:
     if settings.json:
         emit_json(render.to_dict(result))
     else:
+        result = settings.shown(result)
         click.echo(f"renewed '{result.name}': lease {fmt.format_duration(result.ttl_ms / 1000)}, "
                    f"{result.remaining_ms / 1000:.1f}s left")
 
@@ -295,7 +301,7 @@ def report_estop(settings: Settings, result: agentd_pb2.EstopResult) -> None:
     if settings.json:
         emit_json(render.to_dict(result))
     else:
-        click.echo(render.estop_text(result))
+        click.echo(render.estop_text(settings.shown(result)))
     if not result.all_verified_empty:
         err = KillIncomplete("emergency stop incomplete: processes still present; "
                              "agentd keeps watching them")
@@ -307,5 +313,6 @@ def report_reset(settings: Settings, result: agentd_pb2.ResetResult) -> None:
     if settings.json:
         emit_json(render.to_dict(result))
     else:
-        click.echo(f"emergency-stop latch cleared (signed by {', '.join(result.principals)}); "
+        principals = ", ".join(settings.shown(result).principals)
+        click.echo(f"emergency-stop latch cleared (signed by {principals}); "
                    "nothing was restarted")

@@ -12,7 +12,14 @@ from pathlib import Path
 import click
 from agentd import auditchain
 
-from agentctl.context import Settings, emit_json, json_option, pass_settings, socket_option
+from agentctl.context import (
+    Settings,
+    emit_json,
+    json_option,
+    pass_settings,
+    raw_option,
+    socket_option,
+)
 from agentctl.errors import AgentctlError, AuditBroken
 
 
@@ -30,6 +37,7 @@ def audit() -> None:
 )
 @socket_option
 @json_option
+@raw_option
 @pass_settings
 def verify(settings: Settings, path: Path | None, head_file: Path | None) -> None:
     """Verify the daemon's audit log, or the one at PATH.
@@ -73,11 +81,14 @@ def verify(settings: Settings, path: Path | None, head_file: Path | None) -> Non
         )
     elif report.ok:
         click.echo(f"audit log OK: {report.records} records, head {report.head}")
-        _notes(path, expected, report)
+        _notes(settings, path, expected, report)
     else:
-        click.echo(f"audit log {path} FAILED verification ({len(report.problems)} problems):")
+        # The path may be the daemon's answer; a problem may quote the log.
+        shown = settings.shown_text
+        click.echo(shown(f"audit log {path} FAILED verification "
+                         f"({len(report.problems)} problems):"))
         for problem in report.problems:
-            click.echo(f"  {problem}")
+            click.echo(shown(f"  {problem}"))
     if not report.ok:
         broken = AuditBroken(
             f"audit log {path} failed verification: {len(report.problems)} problems"
@@ -86,12 +97,14 @@ def verify(settings: Settings, path: Path | None, head_file: Path | None) -> Non
         raise broken
 
 
-def _notes(path: Path, expected: tuple[int, str] | None, report: auditchain.VerifyReport) -> None:
+def _notes(settings: Settings, path: Path, expected: tuple[int, str] | None,
+           report: auditchain.VerifyReport) -> None:
     """Say, on stderr, what an OK cannot vouch for."""
     if expected is None:
         click.echo(
-            f"note: no head to check against (no {auditchain.head_path(path).name}, "
-            "no --head-file): removal of trailing records cannot be ruled out",
+            settings.shown_text(
+                f"note: no head to check against (no {auditchain.head_path(path).name}, "
+                "no --head-file): removal of trailing records cannot be ruled out", err=True),
             err=True,
         )
     elif report.beyond_head:

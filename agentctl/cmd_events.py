@@ -9,7 +9,14 @@ from typing import Any
 import click
 from agentd.v1 import agentd_pb2
 
-from agentctl.context import Settings, json_option, pass_settings, socket_option
+from agentctl.context import (
+    Settings,
+    json_line,
+    json_option,
+    pass_settings,
+    raw_option,
+    socket_option,
+)
 from agentctl.render import to_dict
 from agentctl.streaming import Printed, stream_output
 
@@ -18,7 +25,11 @@ MAX_BACKLOG = 10_000  # the daemon keeps this many
 
 
 def event_line(ev: agentd_pb2.Event) -> str:
-    """One line for people: ``2026-11-23 16:24:18Z  command   accepted kill rogue by alice``."""
+    """One line for people: ``2026-11-23 16:24:18Z  command   accepted kill rogue by alice``.
+
+    The message may quote an agent (a tripwire's excerpt, a detector's
+    reason): pass the event through Settings.shown first.
+    """
     when = ev.at.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
     return f"{when}  {ev.kind:<9} {ev.message}"
 
@@ -44,6 +55,7 @@ def event_dict(ev: agentd_pb2.Event) -> dict[str, Any]:
               help="Only events of this agent (its name or id).")
 @socket_option
 @json_option
+@raw_option
 @pass_settings
 def events(settings: Settings, *, follow: bool, backlog: int, agent: str) -> None:
     """Print the daemon's recent events; with -f, new ones as they happen.
@@ -63,9 +75,9 @@ def events(settings: Settings, *, follow: bool, backlog: int, agent: str) -> Non
         with stream_output(printed):
             for ev in stream:
                 if settings.json:
-                    click.echo(json.dumps(event_dict(ev), sort_keys=True))
+                    click.echo(json_line(event_dict(ev)))
                 else:
-                    click.echo(event_line(ev))
+                    click.echo(event_line(settings.shown(ev)))
                 printed.json = True
     finally:
         stream.close()

@@ -68,8 +68,9 @@ def keepalive(settings: Settings, *, name: str, every: float, ttl: float, count:
                 if time.monotonic() >= lease_ends:
                     raise LeaseLost(f"could not renew the lease of '{name}' before it ran out "
                                     f"({err.message}); the daemon will have killed it") from err
-                click.echo(f"agentctl: warning: {err.message}; retrying in "
-                           f"{fmt.format_duration(every)}", err=True)
+                warning = (f"agentctl: warning: {err.message}; retrying in "
+                           f"{fmt.format_duration(every)}")
+                click.echo(settings.shown_text(warning, err=True), err=True)
             except AgentctlError as err:
                 raise LeaseLost(
                     f"RENEWAL REFUSED for '{name}': {err.message} -- the agent will be killed "
@@ -134,11 +135,12 @@ def cosign(settings: Settings, *, file: Path, cosign_key: Path | None) -> None:
     except (ValueError, DecodeError, UnicodeDecodeError) as err:
         raise click.BadParameter(f"not a signed agentd command: {err}", param_hint="FILE") from err
     # The co-signer must see what they vouch for. These are the signed bytes,
-    # decoded; the daemon checks every signature over exactly them.
+    # decoded; the daemon checks every signature over exactly them. Whoever
+    # wrote the file chose the name: a control character could hide the rest.
     expires = cmd.expires_at.ToDatetime()
-    click.echo(f"co-signing: {cmd.WhichOneof('action')} {_target(cmd)} for host "
-               f"{cmd.audience!r}, reason {cmd.reason!r}, expires {expires:%Y-%m-%d %H:%M:%S}Z",
-               err=True)
+    click.echo(settings.shown_text(
+        f"co-signing: {cmd.WhichOneof('action')} {_target(cmd)} for host {cmd.audience!r}, "
+        f"reason {cmd.reason!r}, expires {expires:%Y-%m-%d %H:%M:%S}Z", err=True), err=True)
     try:
         env = signing.cosign(env, key)
     except ValueError as err:

@@ -12,8 +12,15 @@ import time
 import click
 
 from agentctl import format as fmt
-from agentctl import render
-from agentctl.context import Settings, emit_json, json_option, pass_settings, socket_option
+from agentctl import render, safetext
+from agentctl.context import (
+    Settings,
+    emit_json,
+    json_option,
+    pass_settings,
+    raw_option,
+    socket_option,
+)
 from agentctl.params import DURATION
 
 # ANSI: cursor home, clear screen (ECMA-48 CUP and ED).
@@ -29,6 +36,7 @@ _MIN_INTERVAL_S = 0.1
               help="Exit after N tables [default: run until Ctrl-C].")
 @socket_option
 @json_option
+@raw_option
 @pass_settings
 def top(settings: Settings, *, interval: float, once: bool, count: int | None) -> None:
     """Show a live table of every agent: processes, CPU, memory, sockets, OOM kills.
@@ -52,11 +60,11 @@ def top(settings: Settings, *, interval: float, once: bool, count: int | None) -
         })
         return
     limit = 1 if once else count
-    tty = sys.stdout.isatty()
+    tty = safetext.is_terminal(sys.stdout)
     shown = 0
     try:
         while True:
-            agents = client.list_agents()
+            agents = [settings.shown(a) for a in client.list_agents()]
             now = settings.now()
             body = render.top_table(agents, now) if agents else "no agents"
             head = (f"agentd top: {len(agents)} agent(s) at {now:%H:%M:%S}Z, "

@@ -1,6 +1,7 @@
 """What every command shares: the settings from global options, and the options themselves.
 
-``--json`` is accepted on the group and on every subcommand, ``--socket`` on
+``--json`` is accepted on the group and on every subcommand, ``--raw`` on
+the group and on every command that prints agent text, ``--socket`` on
 every command that talks to the daemon, ``--key`` on every signing command:
 an operator typing ``agentctl kill rogue --key ~/.ssh/id_ed25519`` at 3 a.m.
 should not be told the option belongs before the command name.
@@ -10,22 +11,26 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
+from google.protobuf.message import Message
 
 from agentctl import client as client_mod
+from agentctl import safetext
 from agentctl.params import DURATION
 
 DEFAULT_SOCKET = Path("/run/agentd/agentd.sock")
 DEFAULT_LIFETIME_S = 300.0
 
 F = TypeVar("F", bound=Callable[..., Any])
+M = TypeVar("M", bound=Message)
 
 
 @dataclass
@@ -39,6 +44,7 @@ class Settings:
     socket: Path = DEFAULT_SOCKET
     key: Path | None = None
     json: bool = False
+    raw: bool = False
     connect_timeout: float = client_mod.CONNECT_TIMEOUT_S
     connect: Callable[..., client_mod.Client] = client_mod.connect
     clock: Callable[[], float] = time.time
@@ -53,6 +59,23 @@ class Settings:
     def now(self) -> datetime:
         """The current time, from :attr:`clock`, in UTC."""
         return datetime.fromtimestamp(self.clock(), UTC)
+
+    def escapes(self, stream: IO[Any]) -> bool:
+        """Whether agent text bound for *stream* is escaped: on a terminal, unless --raw."""
+        return not self.raw and safetext.is_terminal(stream)
+
+    def shown(self, msg: M) -> M:
+        """A daemon answer fit to print on stdout: every string escaped if it is a terminal.
+
+        Everything in an answer may come from an agent (its command lines,
+        files, addresses, output excerpts in events) or be steered by one;
+        render functions print whatever they pick from the result.
+        """
+        return safetext.escape_message(msg) if self.escapes(sys.stdout) else msg
+
+    def shown_text(self, text: str, *, err: bool = False) -> str:
+        """*text* fit to print on stdout (or stderr, *err*): escaped if it is a terminal."""
+        return safetext.escape(text) if self.escapes(sys.stderr if err else sys.stdout) else text
 
     def close(self) -> None:
         """Close the client, if one was opened."""
@@ -74,9 +97,17 @@ class SignOptions:
     audience: str | None
 
 
+# ensure_ascii: JSON escapes C0 controls itself, but not C1 controls nor
+# bidi characters (U+009B, U+202E), which an agent may have put in any
+# string; as \uXXXX they are inert on a terminal and the same text to a parser.
 def emit_json(obj: Any) -> None:
-    """Print *obj* as one JSON document on stdout."""
-    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+    """Print *obj* as one JSON document on stdout, ASCII only."""
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=True))
+
+
+def json_line(obj: Any) -> str:
+    """*obj* as one line of JSON, ASCII only (for streams: one object per line)."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=True)
 
 
 def _store(attr: str) -> Callable[[click.Context, click.Parameter, Any], None]:
@@ -94,6 +125,14 @@ def json_option(f: F) -> F:
     return click.option(
         "--json", is_flag=True, expose_value=False, callback=_store("json"),
         help="Print the result as JSON.",
+    )(f)
+
+
+def raw_option(f: F) -> F:
+    """``--raw`` on a subcommand that prints what an agent controls."""
+    return click.option(
+        "--raw", is_flag=True, expose_value=False, callback=_store("raw"),
+        help="Print agent text as it is, control characters included, even on a terminal.",
     )(f)
 
 
@@ -140,6 +179,7 @@ def signing_options(f: Callable[..., Any]) -> Callable[..., Any]:
         key_option,
         socket_option,
         json_option,
+        raw_option,
     ]
     wrapped: Callable[..., Any] = collect
     for option in reversed(options):

@@ -3,6 +3,10 @@
 Text is for an operator under pressure: the outcome first, units spelled
 out, nothing that needs the proto to decode. JSON keeps the proto's
 snake_case field names and numbers as numbers.
+
+The text functions print the strings of a message as they are: for a
+terminal, callers pass the message through Settings.shown first, which
+escapes the control characters an agent may have put in any of them.
 """
 
 from __future__ import annotations
