@@ -275,13 +275,46 @@ def test_two_keys_are_two_signers(check, signed, alice, carol) -> None:
     assert [k.principal for k in v.authorized] == ["alice"]
 
 
-def test_keyid_is_only_a_hint(check, signed, alice, bob) -> None:
+def test_the_keyid_picks_the_one_key_tried(check, signed, alice, bob) -> None:
+    """A signature is checked against the key its id names, and no other."""
     env = signed(bob)
-    env.signatures[0].keyid = keyid(alice.key.public_key().public_bytes_raw())
-    v = check(env)
-    assert [k.principal for k in v.signers] == ["bob"]
-    env.signatures[0].keyid = b"nonsense"
     assert check(env).principals == ("bob",)
+    # Bob's signature labelled as Alice's: Alice's key does not verify it,
+    # and Bob's is not tried.
+    env.signatures[0].keyid = keyid(alice.key.public_key().public_bytes_raw())
+    with pytest.raises(BadSignature):
+        check(env)
+    env.signatures[0].keyid = b"nonsense"
+    with pytest.raises(BadSignature):
+        check(env)
+
+
+def test_a_keyid_never_makes_a_bad_signature_good(check, signed, bob) -> None:
+    env = _resign(signed(bob), Ed25519PrivateKey.generate())
+    env.signatures[0].keyid = keyid(bob.key.public_key().public_bytes_raw())
+    with pytest.raises(BadSignature):
+        check(env)
+
+
+def test_a_keyless_flood_costs_no_verification(check, signed, bob, monkeypatch) -> None:
+    """Eight garbage signatures naming no trusted key: refused before any Ed25519 work."""
+    import importlib
+
+    verify_mod = importlib.import_module("daemon.auth.verify")
+    calls: list[int] = []
+    real = verify_mod._signature_ok
+    monkeypatch.setattr(verify_mod, "_signature_ok",
+                        lambda *a: calls.append(1) or real(*a))  # type: ignore[func-returns-value]
+    env = signed(bob)
+    del env.signatures[:]
+    for i in range(8):
+        env.signatures.add(keyid=bytes([i]) * 32, sig=bytes(64))
+    with pytest.raises(BadSignature):
+        check(env)
+    assert calls == []
+    # One signature naming a trusted key: exactly one verification.
+    check(signed(bob))
+    assert calls == [1]
 
 
 def test_unknown_key(check, signed, bob) -> None:
