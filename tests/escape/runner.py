@@ -3,7 +3,9 @@
 The programs (tests/escape/programs/) print "attempt NAME BLOCKED|SUCCEEDED|ERROR
 WHY", "fact NAME VALUE" and "done". The agent's word is never the last one:
 where the host can check (a file that must not exist, a listener that must
-hear nothing), a test passes its own verdict for that attempt.
+hear nothing), a test passes its own verdict for that attempt (tests/escape/
+host.py reads the evidence), and it names every attempt it expects: one the
+agent never reports is not contained.
 """
 
 from __future__ import annotations
