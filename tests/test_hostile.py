@@ -35,14 +35,23 @@ def _name(prefix: str) -> str:
 def _launch(daemon: Daemon, hostile: Path, program: str, *args: str, pids: int = 0,
             min_procs: int = 1) -> tuple[agentd_pb2.Agent, list[int]]:
     """Run a hostile program; wait until it says ready and has min_procs processes of its own."""
-    agent = daemon.run(_name(program.removesuffix(".py").replace("_", "-")),
-                       [AGENT_PYTHON, str(hostile / program), *args], pids=pids)
+    agent = _start(daemon, hostile, program, *args, pids=pids)
+    return agent, _ready(agent, program, min_procs)
+
+
+def _start(daemon: Daemon, hostile: Path, program: str, *args: str,
+           pids: int = 0) -> agentd_pb2.Agent:
+    return daemon.run(_name(program.removesuffix(".py").replace("_", "-")),
+                      [AGENT_PYTHON, str(hostile / program), *args], pids=pids)
+
+
+def _ready(agent: agentd_pb2.Agent, program: str, min_procs: int) -> list[int]:
     cg = agent.cgroup_paths[0]
     assert wait_for(lambda: "ready" in Path(agent.stdout_log).read_text(), 15), (
         f"{program} never became ready: {Path(agent.stderr_log).read_text()[-500:]}")
     assert not min_procs or wait_for(lambda: len(pids_in(cg)) >= min_procs + SANDBOX_PROCS, 15), (
         f"{program} has {len(pids_in(cg))} processes, expected {min_procs} + the sandbox's")
-    return agent, pids_in(cg)
+    return pids_in(cg)
 
 
 def _escaped(agent: agentd_pb2.Agent) -> int:
@@ -154,11 +163,13 @@ def test_main_exits_leaving_an_escaped_daemon(daemon: Daemon, hostile: Path) -> 
 
 def test_unprivileged_agent_cannot_escape_or_reach_the_daemon(daemon: Daemon,
                                                              hostile: Path) -> None:
+    from tests.escape.host import Launched
     from tests.harness import cgroup_v2_root
 
-    agent, members = _launch(
-        daemon, hostile, "escape_attempts.py", str(daemon.pid), str(daemon.socket),
-        str(cgroup_v2_root()))
+    agent = _start(daemon, hostile, "escape_attempts.py", str(daemon.pid), str(daemon.socket),
+                   str(cgroup_v2_root()))
+    launched = Launched.capture(agent)  # before any attempt can have moved a process
+    members = _ready(agent, "escape_attempts.py", 1)
     out = Path(agent.stdout_log).read_text()
     lines = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
     for attempt in ("move-to-root-cgroup", "move-to-parent-cgroup", "create-sub-cgroup",
@@ -169,7 +180,15 @@ def test_unprivileged_agent_cannot_escape_or_reach_the_daemon(daemon: Daemon,
     # Inside its cgroup namespace the agent's own cgroup reads as "/"; from
     # outside, every one of its processes is still in it.
     assert lines["cgroup-after"].strip() == "/"
-    assert {v2_cgroup_of(p) for p in pids_in(agent.cgroup_paths[0])} == {own}
+    # A process that moved out is no longer listed in the cgroup it left: the
+    # host finds every process of the agent (the pids at launch, its PID
+    # namespace's, the pid it reports, mapped through NSpid) and reads
+    # /proc/PID/cgroup of each.
+    assert launched.sandbox_ns, f"no sandbox init among {sorted(launched.pids)}"
+    reported = launched.host_pid(int(lines["pid"]))
+    assert reported is not None, f"no process {lines['pid']} in the agent's PID namespace"
+    assert launched.cgroup_escapes((reported,)) == []
+    assert {v2_cgroup_of(p) for p in launched.processes()} == {own}
     assert alive(daemon.pid)
     info = daemon.stub.Info(agentd_pb2.InfoRequest(), timeout=5)
     assert info.host_id == daemon.host_id

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.conftest import ROOT_REASON
-from tests.escape import runner
+from tests.escape import host, runner
 from tests.harness import HOSTILE_MARK, Daemon, alive, pids_in, wait_for
 
 # One tag per session: every file an escape program creates carries it, so
@@ -44,8 +44,9 @@ _HOST_DIRS = ("/", "/tmp", "/var/tmp", "/srv", "/dev/shm", "/etc", "/usr", "/usr
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "needs_sandbox: contained only by the sandbox (skipped, with the reason, "
-        "when the daemon reports no sandbox for its agents)")
+        "markers", "needs_sandbox: contained only by the sandbox (skipped when the host "
+        "cannot sandbox: no bwrap, or user namespaces off; failed when it can and the daemon "
+        "reports no sandbox)")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -185,23 +186,31 @@ class Bystander:
         self.start()
 
 
-def _host_cannot_sandbox() -> str:
-    """Why this host cannot sandbox agents at all (no bwrap, no user namespaces), or "".
+_BWRAP = "/usr/bin/bwrap"
+# Each sysctl, at this value, forbids unprivileged user namespaces, which
+# bwrap needs: Debian's and Ubuntu's knob, and user_namespaces(7)'s limit.
+_USERNS_OFF = {"/proc/sys/kernel/unprivileged_userns_clone": "0",
+               "/proc/sys/user/max_user_namespaces": "0"}
 
-    Asked of the daemon's own sandbox module, when there is one: the daemon
-    refuses every launch on such a host (fail closed), which says nothing of
-    escapes.
+
+def host_cannot_sandbox() -> str:
+    """Why this host cannot sandbox agents at all (no bwrap, user namespaces off), or "".
+
+    Found by the test itself, never asked of the daemon: a daemon whose
+    sandbox broke must fail the escape tests here, not skip them.
     """
-    try:
-        from daemon.sandbox import bwrap
-    except ImportError:
-        return ""
-    return bwrap.available()
+    if not os.access(_BWRAP, os.X_OK):
+        return f"{_BWRAP} is not installed"
+    for path, off in _USERNS_OFF.items():
+        with contextlib.suppress(OSError):
+            if Path(path).read_text().strip() == off:
+                return f"{path} is {off}: unprivileged user namespaces are off"
+    return ""
 
 
 @pytest.fixture(scope="module")
 def bystander(escape_daemon: Secrets, programs: Path) -> Iterator[Bystander]:
-    why = _host_cannot_sandbox()
+    why = host_cannot_sandbox()
     if why:
         pytest.skip(f"agents cannot be sandboxed on this host: {why}")
     b = Bystander(escape_daemon.daemon, programs)
@@ -220,19 +229,24 @@ def sandbox_missing(agent: agentd_pb2.Agent) -> str:
     if agent.HasField("sandbox") and agent.sandbox.checks:
         return ""
     return ("the daemon reports no sandbox for its agents (Agent.sandbox has no restriction "
-            "checks): this technique is contained only by the sandbox")
+            "checks)")
 
 
 @pytest.fixture(autouse=True)
 def _sandbox_or_skip(request: pytest.FixtureRequest) -> None:
+    """needs_sandbox: skip where the host cannot sandbox; fail where it can but the daemon did not.
+
+    (Where it cannot, the bystander fixture has already skipped.)
+    """
     if request.node.get_closest_marker("needs_sandbox") is None:
         return
     b: Bystander = request.getfixturevalue("bystander")
     why = sandbox_missing(b.daemon.get(b.agent.name))
     if why:
         runner.TABLE.append(runner.Row(_technique(request.node.name), 0, 0,
-                                       note="skipped: no sandbox"))
-        pytest.skip(why)
+                                       note="FAILED: no sandbox"))
+        pytest.fail(f"{why}, on a host that can sandbox (bwrap installed, user namespaces "
+                    "on): this technique is contained only by the sandbox")
 
 
 def _technique(test_name: str) -> str:
@@ -254,6 +268,7 @@ class Escape:
     bystander: Bystander
     technique: str
     agents: list[agentd_pb2.Agent] = field(default_factory=list)
+    launched: dict[str, host.Launched] = field(default_factory=dict)
 
     @property
     def daemon(self) -> Daemon:
@@ -272,6 +287,12 @@ class Escape:
                               {"tag": self.tag, **targets}, pids=pids, memory=memory,
                               scratch_bytes=scratch_bytes)
         self.agents.append(agent)
+        launched = self.launched[agent.name] = host.Launched.capture(agent)
+        # Every host-side check below reads the sandbox's processes: without
+        # them found, each would pass on nothing.
+        assert launched.sandbox_ns and launched.in_sandbox_pidns(), (
+            f"{name}: the host finds no sandbox init (NSpid ending in 1) among "
+            f"{sorted(launched.pids)}")
         return agent
 
     def report(self, agent: agentd_pb2.Agent, timeout: float = 60.0) -> runner.Report:
@@ -286,19 +307,21 @@ class Escape:
         found += [str(p) for d in deep for p in _safe_rglob(d) if self.tag in p.name]
         return found
 
-    def conclude(self, report: runner.Report | None, contained: dict[str, bool],
+    def conclude(self, report: runner.Report | None, verdicts: runner.Verdicts,
                  extra: list[str] | None = None) -> None:
         """Record the row, end every agent, check the rest of the host; fail with everything.
 
-        contained: each attempt's verdict (runner.verdicts). extra: problems
-        the test found itself.
+        verdicts: each attempt's (runner.verdicts). extra: problems the test
+        found itself.
         """
+        contained = verdicts.contained
         escaped = tuple(name for name, ok in contained.items() if not ok)
         runner.TABLE.append(runner.Row(self.technique, len(contained),
-                                       len(contained) - len(escaped), escaped))
+                                       len(contained) - len(escaped), escaped,
+                                       host_checked=len(verdicts.host_checked)))
         problems = list(extra or [])
-        if report is not None:
-            problems += [f"escaped: {line}" for line in runner.describe(report, contained)]
+        problems += [f"escaped: {line}" for line in runner.describe(report or runner.Report(),
+                                                                    verdicts)]
         if not contained:
             problems.append("no attempt was reported")
         problems += self.check_host()

@@ -3,7 +3,9 @@
 The programs (tests/escape/programs/) print "attempt NAME BLOCKED|SUCCEEDED|ERROR
 WHY", "fact NAME VALUE" and "done". The agent's word is never the last one:
 where the host can check (a file that must not exist, a listener that must
-hear nothing), a test passes its own verdict for that attempt.
+hear nothing), a test passes its own verdict for that attempt (tests/escape/
+host.py reads the evidence), and it names every attempt it expects: one the
+agent never reports is not contained.
 """
 
 from __future__ import annotations
@@ -65,23 +67,32 @@ class Row:
     contained: int
     escaped: tuple[str, ...] = ()
     note: str = ""
+    host_checked: int = 0  # attempts whose verdict rests on evidence the host read itself
 
 
 TABLE: list[Row] = []
+_HEADER = ("TECHNIQUE", "ATTEMPTS", "CONTAINED", "HOST-CHECKED")
 
 
 def render_table(rows: Iterable[Row]) -> str:
-    """TECHNIQUE | ATTEMPTS | CONTAINED, then every attempt that was not contained."""
+    """TECHNIQUE | ATTEMPTS | CONTAINED | HOST-CHECKED, then every attempt not contained.
+
+    HOST-CHECKED counts the attempts judged on the host's own evidence (/proc,
+    cgroupfs, the daemon's state, host files); the rest rest on the agent's
+    word that the kernel refused.
+    """
     rows = list(rows)
-    cells = [("TECHNIQUE", "ATTEMPTS", "CONTAINED")]
+    cells = [_HEADER]
     for r in rows:
         if r.note:
-            cells.append((r.technique, "-", r.note))
+            cells.append((r.technique, "-", r.note, "-"))
         else:
             verdict = "all" if r.contained == r.attempts else "NO"
-            cells.append((r.technique, str(r.attempts), f"{r.contained} ({verdict})"))
-    widths = [max(len(c[i]) for c in cells) for i in range(3)]
-    lines = [" | ".join(c[i].ljust(widths[i]) for i in range(3)).rstrip() for c in cells]
+            cells.append((r.technique, str(r.attempts), f"{r.contained} ({verdict})",
+                          f"{r.host_checked}/{r.attempts}"))
+    widths = [max(len(c[i]) for c in cells) for i in range(len(_HEADER))]
+    lines = [" | ".join(c[i].ljust(widths[i]) for i in range(len(_HEADER))).rstrip()
+             for c in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     for r in rows:
         lines.extend(f"ESCAPED  {r.technique}: {name}" for name in r.escaped)
@@ -186,17 +197,53 @@ def blocked(attempt: Attempt) -> bool:
     return attempt.outcome == "BLOCKED"
 
 
-def verdicts(report: Report, overrides: dict[str, Judge] | None = None,
-             ) -> dict[str, bool]:
-    """Contained or not, per attempt: BLOCKED, unless the test's host-side judge says otherwise."""
-    overrides = overrides or {}
-    out = {}
-    for name, attempt in report.attempts.items():
-        judge = overrides.get(name, blocked)
+@dataclass(frozen=True)
+class Verdicts:
+    """Each attempt's verdict (contained or not), and which of them the host checked."""
+
+    contained: dict[str, bool]
+    host_checked: frozenset[str] = frozenset()
+    missing: tuple[str, ...] = ()  # expected, never reported: not contained
+
+    @classmethod
+    def from_host(cls, contained: dict[str, bool]) -> Verdicts:
+        """Verdicts the host reached alone, without any report of the agent's."""
+        return cls(dict(contained), frozenset(contained))
+
+
+def verdicts(report: Report, expected: Iterable[str], host: dict[str, Judge] | None = None,
+             ) -> Verdicts:
+    """Contained or not, per attempt: BLOCKED, unless the test's host-side judge says otherwise.
+
+    expected: every attempt the program must make (the test's list, not the
+    agent's). One the agent never reported is not contained: an agent that
+    stays silent about an attempt fails. Every attempt with a host judge is
+    expected too; an attempt reported beyond the list is judged all the same.
+    """
+    host = host or {}
+    names = list(dict.fromkeys([*expected, *host, *report.attempts]))
+    out, missing = {}, []
+    for name in names:
+        attempt = report.attempts.get(name)
+        if attempt is None:
+            missing.append(name)
+            out[name] = False
+            continue
+        judge = host.get(name, blocked)
         out[name] = attempt.outcome != "ERROR" and judge(attempt)
+    return Verdicts(out, frozenset(host) & set(names), tuple(missing))
+
+
+def describe(report: Report, v: Verdicts) -> list[str]:
+    """One line per attempt not contained: what the agent said, or that it said nothing."""
+    out = []
+    for name, ok in v.contained.items():
+        if ok:
+            continue
+        if name in v.missing:
+            out.append(f"{name}: never reported by the agent")
+        elif name in report.attempts:
+            a = report.attempts[name]
+            judged = " (host check)" if name in v.host_checked else ""
+            out.append(f"{name}: {a.outcome} {a.detail}{judged}")
     return out
-
-
-def describe(report: Report, contained: dict[str, bool]) -> list[str]:
-    return [f"{name}: {report.attempts[name].outcome} {report.attempts[name].detail}"
-            for name, ok in contained.items() if not ok and name in report.attempts]

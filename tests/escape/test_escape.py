@@ -6,9 +6,11 @@ state, own PID namespace, no capabilities, no_new_privs, seccomp). Each test
 asserts that every attempt was contained, judged from the host wherever the
 host can see the outcome; that the daemon still answers; that the bystander
 agent started before runs on untouched; that nothing appeared on the host;
-and that the kill leaves no process behind. Techniques contained only by the
-sandbox carry `needs_sandbox` and are skipped, saying so, when the daemon
-reports no sandbox for its agents.
+and that the kill leaves no process behind. Each test lists the attempts its
+program must make: one the agent keeps quiet about is not contained.
+Techniques contained only by the sandbox carry `needs_sandbox`: skipped
+where the host cannot sandbox (no bwrap, user namespaces off), failed where
+it can and the daemon reports no sandbox.
 
 The session ends with a table of techniques tried and contained.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,8 +30,9 @@ import grpc
 import pytest
 from agentd.v1 import agentd_pb2
 
+from tests.escape import host as hostview
 from tests.escape import runner
-from tests.escape.conftest import CANARY, TAG, Escape, sandbox_missing
+from tests.escape.conftest import CANARY, TAG, Escape
 from tests.escape.listeners import HostListeners
 from tests.escape.runner import Attempt, Judge, blocked
 from tests.harness import Daemon, cgroup_v2_root, pids_in, v2_cgroup_of
@@ -57,6 +61,11 @@ def _absent_on_host(path: str) -> Judge:
     return lambda _attempt: not os.path.lexists(path)
 
 
+def _content_and_mtime(path: str | Path) -> tuple[bytes, int]:
+    """A host file's bytes and mtime: what a write, or a read that writes, would change."""
+    return Path(path).read_bytes(), os.stat(path).st_mtime_ns
+
+
 # ------------------------------------------------------------------ network
 @pytest.mark.needs_sandbox
 def test_loopback_connect(escape: Escape, listeners: HostListeners) -> None:
@@ -74,6 +83,10 @@ def test_loopback_connect(escape: Escape, listeners: HostListeners) -> None:
     report = escape.report(agent)
     time.sleep(0.3)  # let the listener thread take anything still in flight
     heard = listeners.heard
+    expected = ["tcp-127.0.0.1", "tcp-localhost-name", "udp-127.0.0.1", "vsock-socket",
+                "packet-raw-socket", "inet-raw-socket",
+                *(["tcp-::1"] if listeners.ports.get("tcp6_port") else []),
+                f"abstract-unix:@{listeners.abstract_name}"]
     host: dict[str, Judge] = {
         "tcp-127.0.0.1": lambda a: blocked(a) and not heard["tcp"],
         "tcp-::1": lambda a: blocked(a) and not heard["tcp6"],
@@ -82,7 +95,7 @@ def test_loopback_connect(escape: Escape, listeners: HostListeners) -> None:
         f"abstract-unix:@{listeners.abstract_name}":
             lambda a: blocked(a) and not heard["abstract"],
     }
-    escape.conclude(report, runner.verdicts(report, host),
+    escape.conclude(report, runner.verdicts(report, expected, host),
                     [f"the host's listeners heard {dict(heard)}"] if heard else [])
 
 
@@ -101,6 +114,8 @@ def test_write_outside_scratch(escape: Escape) -> None:
              f"/tmp/{tag}", f"/dev/shm/{tag}", f"/root/{tag}", f"/run/{tag}",
              str(escape.programs / tag), str(d.dir / tag), str(d.dir.parent / tag)]
     listing = sorted(p.name for p in escape.programs.iterdir())
+    existing = ["/etc/passwd", "/usr/bin/python3", str(escape.programs / "write_outside.py")]
+    before = {p: _content_and_mtime(p) for p in existing}
     agent = escape.run("write_outside.py", {
         "paths": paths, "own_program": str(escape.programs / "write_outside.py")})
     report = escape.report(agent)
@@ -109,10 +124,12 @@ def test_write_outside_scratch(escape: Escape) -> None:
         host[f"create:{p}"] = _absent_on_host(p)
         host[f"create-via-proc1-root:{p}"] = _absent_on_host(f"{p}-p1")
     host["mkdir:/etc"] = _absent_on_host(f"/etc/{tag}-dir")
+    for p in existing:
+        host[f"open-rw:{p}"] = lambda a, p=p: blocked(a) and _content_and_mtime(p) == before[p]
     extra = []
     if sorted(p.name for p in escape.programs.iterdir()) != listing:
         extra.append("the programs' directory changed")
-    escape.conclude(report, runner.verdicts(report, host), extra)
+    escape.conclude(report, runner.verdicts(report, host, host), extra)
 
 
 @pytest.mark.needs_sandbox
@@ -129,14 +146,25 @@ def test_leave_a_file_for_a_later_run(escape: Escape) -> None:
     problems = runner.end_agent(escape.daemon, escape.daemon.get(a.name))
     # Positive control: the notes were really written somewhere the agent could.
     assert "left:scratch" in left.facts, f"run A could not write its scratch: {left.facts}"
-    merged = runner.Report()
+    notes = {k.removeprefix("left:"): v for k, v in left.facts.items() if k.startswith("left:")}
+    merged, expected, host = runner.Report(), [], {}
     for label, name in (("same-name", a.name), ("other-name", f"{a.name}-other")):
         b = escape.run("leave_note.py", {"mode": "read", "bystander_tag": bystander_tag},
                        name=name)
         found = escape.report(b)
         merged.attempts.update({f"{label}:{k}": Attempt(f"{label}:{k}", v.outcome, v.detail)
                                 for k, v in found.attempts.items()})
-    escape.conclude(merged, runner.verdicts(merged), problems)
+        expected += [f"{label}:find-earlier-note:{w}"
+                     for w in ("scratch", "home", "tmp", "var-tmp", "dev-shm")]
+        expected += [f"{label}:find-bystander-file:{w}" for w in ("scratch", "tmp")]
+        # The host looks for A's notes where B would find them: in B's own mount
+        # namespace, through /proc/PID/root, while B runs.
+        pid = escape.launched[b.name].main()
+        for where, path in notes.items():
+            seen = os.path.lexists(hostview.in_root(pid, path))
+            host[f"{label}:find-earlier-note:{where}"] = (
+                lambda a, seen=seen: blocked(a) and not seen)
+    escape.conclude(merged, runner.verdicts(merged, expected, host), problems)
 
 
 # ------------------------------------------------------------------ the daemon's secrets
@@ -156,14 +184,65 @@ def test_read_the_daemons_secrets(escape: Escape) -> None:
     assert any(label.endswith("trusted_keys") for label in secrets)
     assert any(label.endswith("audit.log") for label in secrets)
     assert any(label.startswith("policies/") for label in secrets)
+    before = {path: _content_and_mtime(path) for path in secrets.values()}
+    d = escape.daemon
+    state_dir = str(d.dir / "state")
     agent = escape.run("read_secrets.py", {
-        "secrets": secrets, "daemon_pid": escape.daemon.pid,
-        "state_dir": str(escape.daemon.dir / "state")})
+        "secrets": secrets, "daemon_pid": d.pid, "state_dir": state_dir})
     report = escape.report(agent)
-    hidden: dict[str, Judge] = {}
-    if not sandbox_missing(escape.daemon.get(agent.name)):
-        hidden = {name: lambda a: blocked(a) and a.detail == "ENOENT" for name in report.attempts}
-    escape.conclude(report, runner.verdicts(report, hidden))
+    launched = escape.launched[agent.name]
+    # The host resolves each spelling in the agent's own mount namespace and
+    # procfs (/proc/PID/root): what it finds there is what the agent could open.
+    pid = launched.main()
+    hows = {"by-path": "", "after-chdir": "", "openat-dirfd": "",
+            "via-proc1-root": "/proc/1/root", "via-daemon-root": f"/proc/{d.pid}/root"}
+    expected = [f"{label}:{how}" for label in secrets for how in hows]
+    expected += ["state-dir:listdir", *(f"daemon:{w}" for w in ("cwd", "fds", "environ", "mem",
+                                                                 "maps"))]
+    # Every escape test runs sandboxed (the bystander fixture skips where the
+    # host cannot): hidden, not merely unreadable, and the host looks for itself.
+    host: dict[str, Judge] = {}
+    for label, path in secrets.items():
+        for how, prefix in hows.items():
+            leaks = _would_read(hostview.in_root(pid, prefix + path), before[path][0])
+            host[f"{label}:{how}"] = (
+                lambda a, leaks=leaks: blocked(a) and a.detail == "ENOENT" and not leaks)
+    daemon_seen = os.path.lexists(hostview.in_root(pid, f"/proc/{d.pid}"))
+    for what in ("cwd", "fds", "environ", "mem", "maps"):
+        host[f"daemon:{what}"] = lambda a: blocked(a) and not daemon_seen
+    entries = _listdir(hostview.in_root(pid, state_dir))
+    host["state-dir:listdir"] = lambda a: blocked(a) and not entries
+    # The files the daemon never writes itself must be as they were.
+    static = [p for label, p in secrets.items() if label.endswith("trusted_keys")
+              or label.startswith("policies/") or p == str(escape.secrets.private_key)]
+    extra = [f"{p} changed on the host (content or mtime)" for p in static
+             if _content_and_mtime(p) != before[p]]
+    extra += [f"the canary is in the environment of process {pid}"
+              for pid in launched.processes() if _environ_has(pid, CANARY)]
+    escape.conclude(report, runner.verdicts(report, expected, host), extra)
+
+
+def _would_read(path: str, secret: bytes) -> bool:
+    """Whether opening path (as the host, in the agent's view) yields the secret's bytes."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return False
+    return bool(secret) and data[:64] == secret[:64]
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _environ_has(pid: int, text: str) -> bool:
+    try:
+        return text.encode() in Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
 
 
 @pytest.fixture
@@ -186,6 +265,8 @@ def test_connect_to_the_control_socket(escape: Escape, host_service: HostListene
     """
     d = escape.daemon
     assert d.socket.is_socket()
+    d.stub.Info(agentd_pb2.InfoRequest(), timeout=5)  # the test's own connection, up
+    accepted = hostview.unix_connections(d.pid, str(d.socket))
     agent = escape.run("control_socket.py", {
         "socket": str(d.socket), "daemon_pid": d.pid,
         "scan_roots": ["/run", "/var/run", "/tmp", "/var/tmp", "/srv", "/dev", "/root", "/home",
@@ -194,13 +275,27 @@ def test_connect_to_the_control_socket(escape: Escape, host_service: HostListene
     time.sleep(0.3)  # let the listener thread take anything still in flight
     heard = host_service.heard
     stand_in = f"socket-file:{host_service.socket_path}"
+    # The program keeps every connection it made: the daemon's count of
+    # accepted connections, read by the host, says whether any got through.
+    d.stub.Info(agentd_pb2.InfoRequest(), timeout=5)
+    more = hostview.unix_connections(d.pid, str(d.socket)) - accepted
+    pid = escape.launched[agent.name].main()
+    spellings = {"by-path": "", "via-proc1-root": "/proc/1/root",
+                 "via-daemon-root": f"/proc/{d.pid}/root"}
+    expected = [stand_in, *(f"daemon-socket:{how}" for how in spellings),
+                "daemon-socket-seen:by-path", "daemon-socket-seen:via-proc1-root"]
     host: dict[str, Judge] = {stand_in: lambda a: blocked(a) and not heard["path"]}
-    if not sandbox_missing(escape.daemon.get(agent.name)):  # hidden, not merely refused
-        host.update({name: lambda a: blocked(a) and a.detail == "ENOENT"
-                     for name in report.attempts if name.startswith("daemon-socket-seen:")})
+    for how, prefix in spellings.items():
+        seen = os.path.lexists(hostview.in_root(pid, prefix + str(d.socket)))
+        host[f"daemon-socket:{how}"] = lambda a, seen=seen: blocked(a) and more <= 0 and not seen
+        if how != "via-daemon-root":  # hidden, not merely refused
+            host[f"daemon-socket-seen:{how}"] = (
+                lambda a, seen=seen: blocked(a) and a.detail == "ENOENT" and not seen)
     extra = [f"the stand-in host service heard {heard['path']} connection(s)"] if (
         heard["path"]) else []
-    escape.conclude(report, runner.verdicts(report, host), extra)
+    if more > 0:
+        extra.append(f"the daemon accepted {more} more connection(s) on its socket")
+    escape.conclude(report, runner.verdicts(report, expected, host), extra)
 
 
 # ------------------------------------------------------------------ processes
@@ -215,9 +310,43 @@ def test_signal_or_trace_the_daemon(escape: Escape) -> None:
     victims = {"daemon": escape.daemon.pid}
     if escape.secrets.guardian_pid:
         victims["guardian"] = escape.secrets.guardian_pid
-    agent = escape.run("signal_ptrace.py", {"victims": victims})
+    _signal_or_trace(escape, victims, broad=False)
+
+
+_VICTIM_ATTEMPTS = ("kill-0", "SIGSTOP", "SIGKILL", "pidfd-SIGKILL", "ptrace-attach",
+                    "ptrace-seize", "process_vm_readv", "proc-mem", "proc-environ")
+
+
+def _signal_or_trace(escape: Escape, victims: dict[str, int], *, broad: bool) -> None:
+    """Run signal_ptrace.py at victims; judge each attempt by the victim's /proc, read by the host.
+
+    A signal that landed leaves the victim dead or stopped (another start
+    time, State T); an attach leaves TracerPid set while the agent lives;
+    memory and environ can only be read through a /proc that shows the
+    victim, and the agent's procfs (its PID namespace) must not.
+    """
+    started = {pid: hostview.start_time(pid) for pid in victims.values()}
+    agent = escape.run("signal_ptrace.py", {"victims": victims, "broad": broad})
     report = escape.report(agent)
-    escape.conclude(report, runner.verdicts(report))
+    main = escape.launched[agent.name].main()
+    expected = [f"{who}:{what}" for who in victims for what in _VICTIM_ATTEMPTS]
+    if broad:
+        expected += ["any-process:kill(-1,0)", "any-process:proc-scan", "own-child:ptrace-seize"]
+    host: dict[str, Judge] = {}
+    for who, pid in victims.items():
+        st = hostview.status(pid)
+        untouched = bool(st) and st.get("State", "")[:1] not in "tT" and (
+            hostview.start_time(pid) == started[pid])
+        untraced = st.get("TracerPid") == "0"
+        unseen = not os.path.lexists(hostview.in_root(main, f"/proc/{pid}"))
+        for what in ("kill-0", "SIGSTOP", "SIGKILL", "pidfd-SIGKILL"):
+            host[f"{who}:{what}"] = lambda a, ok=untouched and unseen: blocked(a) and ok
+        for what in ("ptrace-attach", "ptrace-seize"):
+            host[f"{who}:{what}"] = lambda a, ok=untraced: blocked(a) and ok
+        for what in ("process_vm_readv", "proc-mem", "proc-environ"):
+            host[f"{who}:{what}"] = lambda a, ok=unseen: blocked(a) and ok
+    extra = escape.launched[agent.name].privileges()
+    escape.conclude(report, runner.verdicts(report, expected, host), extra)
 
 
 @pytest.mark.needs_sandbox
@@ -230,9 +359,7 @@ def test_signal_or_trace_another_agent(escape: Escape) -> None:
     The bystander must run on, unstopped.
     """
     victims = {f"bystander-{i}": pid for i, pid in enumerate(escape.bystander.pids)}
-    agent = escape.run("signal_ptrace.py", {"victims": victims, "broad": True})
-    report = escape.report(agent)
-    escape.conclude(report, runner.verdicts(report))
+    _signal_or_trace(escape, victims, broad=True)
 
 
 # ------------------------------------------------------------------ privilege
@@ -248,8 +375,13 @@ def test_setuid_binary(escape: Escape) -> None:
     assert suid.stat().st_mode & 0o4000 and suid.stat().st_uid == 0
     agent = escape.run("setuid_gain.py", {"suid_id": str(suid)})
     report = escape.report(agent)
-    extra = [] if report.facts.get("uid", "0") != "0" else ["the agent runs as root"]
-    escape.conclude(report, runner.verdicts(report), extra)
+    # With no_new_privs, execve(2) ignores the setuid bit (prctl(2)): the host
+    # reads it, with the uids and capabilities, from every process of the agent.
+    privileges = escape.launched[agent.name].privileges()
+    host: dict[str, Judge] = {name: lambda a: blocked(a) and not privileges for name in (
+        "setuid-copy-of-id", "su-root", "sudo", "passwd-status", "mount-setuid-tmpfs",
+        "setuid-0")}
+    escape.conclude(report, runner.verdicts(report, host, host), privileges)
 
 
 @pytest.mark.needs_sandbox
@@ -263,10 +395,33 @@ def test_mount_and_unshare(escape: Escape) -> None:
     """
     agent = escape.run("namespaces.py", {"daemon_pid": escape.daemon.pid})
     report = escape.report(agent)
-    mounts = Path("/proc/self/mountinfo").read_text()
-    extra = [f"a mount with the tag appeared on the host: {escape.tag}"] if (
-        escape.tag in mounts) else []
-    escape.conclude(report, runner.verdicts(report), extra)
+    # Each attempt's child stays alive: the host reads the namespaces and the
+    # mounts every process of the agent has now, against what bwrap made.
+    launched = escape.launched[agent.name]
+    changed = launched.namespace_changes()
+    tagged = launched.mounts_with(escape.tag)
+    own_root = os.readlink(f"/proc/{launched.main()}/root")
+    rooted = [f"process {pid} has root {r}" for pid in launched.in_sandbox_pidns()
+              if (r := _root_of(pid)) and r != own_root and pid not in launched.pids]
+    ns_attempts = ["unshare-user", "unshare-user+mount", "unshare-user+net", "unshare-mount",
+                   "unshare-pid+cgroup", "clone-newuser", "clone3-newuser",
+                   *(f"setns-{who}-{ns}" for ns in ("mnt", "net", "pid", "user", "cgroup")
+                     for who in ("init", "daemon"))]
+    host: dict[str, Judge] = dict.fromkeys(ns_attempts, lambda a: blocked(a) and not changed)
+    host["mount-tmpfs"] = lambda a: blocked(a) and not tagged
+    host["pivot_root"] = host["chroot"] = lambda a: blocked(a) and not rooted
+    expected = [*host, "open_tree-clone", "fsopen-tmpfs"]
+    extra = [*changed, *(f"a mount with the tag appeared: {m}" for m in tagged), *rooted]
+    if escape.tag in Path("/proc/self/mountinfo").read_text():
+        extra.append(f"a mount with the tag appeared on the host: {escape.tag}")
+    escape.conclude(report, runner.verdicts(report, expected, host), extra)
+
+
+def _root_of(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/root")
+    except OSError:
+        return ""
 
 
 # ------------------------------------------------------------------ cgroups
@@ -315,15 +470,27 @@ def test_move_to_another_cgroup(escape: Escape) -> None:
                             ("freezer.state", "FROZEN")):
             if (Path(path) / knob).exists():
                 writes.append((f"bystander:{knob}", str(Path(path) / knob), value))
+    knob_writes = [(label, path) for label, path, _ in writes
+                   if Path(path).name not in ("cgroup.procs", "cgroup.kill", "cgroup.freeze",
+                                              "freezer.state")]
+    before = {path: _read(path) for _, path in knob_writes if "{self}" not in path}
     agent = escape.run("cgroup_escape.py", {"writes": writes, "mkdirs": mkdirs},
                        pids=100, memory=256 * MIB)
+    launched = escape.launched[agent.name]
+    before.update({path: _read(path.replace("{self}", agent.id)) for _, path in knob_writes
+                   if "{self}" in path})
     report = escape.report(agent)
     agent = escape.daemon.get(agent.name)
-    extra = []
-    own = "/" + str(Path(agent.cgroup_paths[0]).relative_to(cgroup_v2_root()))
-    for pid in pids_in(agent.cgroup_paths[0]):
-        if v2_cgroup_of(pid) != own:
-            extra.append(f"process {pid} is in {v2_cgroup_of(pid)}, not {own}")
+    # The host finds every process of the agent (the pids seen at launch, the
+    # cgroups' members, every process of its PID namespace, and the pid the
+    # program reports, mapped through NSpid) and reads /proc/PID/cgroup of each:
+    # a process that moved out is no longer listed in the cgroup it left.
+    reported = launched.host_pid(int(report.facts.get("pid", "0")))
+    extra = launched.cgroup_escapes(() if reported is None else (reported,))
+    if reported is None:
+        extra.append(f"the host finds no process {report.facts.get('pid')} (the agent's own "
+                     "pid, as it reports it) in the agent's PID namespace")
+    moved = bool(extra)
     for path in agent.cgroup_paths[1:]:
         if sorted(pids_in(path)) != sorted(pids_in(agent.cgroup_paths[0])):
             extra.append(f"{path} holds {pids_in(path)}, the v2 cgroup "
@@ -337,7 +504,26 @@ def test_move_to_another_cgroup(escape: Escape) -> None:
                 value = (Path(path) / knob).read_text().strip()
                 if value != expected:
                     extra.append(f"{path}/{knob} is {value}, not {expected}")
-    escape.conclude(report, runner.verdicts(report), extra)
+    host: dict[str, Judge] = {label: lambda a: blocked(a) and not moved
+                              for label, path, _ in writes if label.startswith("move-to:")}
+    for label, path in knob_writes:
+        real = path.replace("{self}", agent.id)
+        host[label] = lambda a, p=real, was=before[path]: blocked(a) and _read(p) == was
+    for label, path in mkdirs:
+        real = path.replace("{self}", agent.id)
+        host[label] = lambda a, p=real: blocked(a) and not os.path.lexists(p)
+    bystander_ok = not escape.bystander.problems()  # alive, same processes, not frozen, beating
+    host.update({label: lambda a: blocked(a) and bystander_ok
+                 for label, _, _ in writes if label.startswith("bystander:")})
+    expected_names = [label for label, _, _ in writes] + [label for label, _ in mkdirs]
+    escape.conclude(report, runner.verdicts(report, expected_names, host), extra)
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as err:
+        return f"<{err.strerror}>"
 
 
 def test_fork_bomb(escape: Escape) -> None:
@@ -360,7 +546,7 @@ def test_fork_bomb(escape: Escape) -> None:
     host: dict[str, Judge] = {"fork-past-pids-limit": lambda a: blocked(a) and count <= 64}
     if count > 64:
         extra.append(f"the agent holds {count} processes, over its pids limit of 64")
-    escape.conclude(report, runner.verdicts(report, host), extra)
+    escape.conclude(report, runner.verdicts(report, host, host), extra)
 
 
 def test_memory_bomb(escape: Escape) -> None:
@@ -386,9 +572,10 @@ def test_memory_bomb(escape: Escape) -> None:
         extra.append(f"the audit record of the end has no OOM kill: {records}")
     if peak > 64 + 8:
         extra.append(f"the agent touched {peak} MiB under a 64 MiB limit")
+    # The daemon counts OOM kills from the cgroup's memory.events: the kernel's word.
     contained = {"exceed-memory-limit": "exceed-memory-limit" not in report.attempts
                  and ended.oom_kills >= 1}
-    escape.conclude(report, contained, extra)
+    escape.conclude(report, runner.Verdicts.from_host(contained), extra)
 
 
 # ------------------------------------------------------------------ disk
@@ -423,11 +610,27 @@ def test_fill_scratch(escape: Escape) -> None:
     after = _free_bytes()
     extra = [f"{m} lost {(before[m] - after[m]) // MIB} MiB" for m in after
              if m in before and before[m] - after[m] > applied + 64 * MIB]
-    written = int(report.facts.get("scratch-written-bytes", "0"))
-    host: dict[str, Judge] = {"fill-scratch": lambda a: blocked(a) and written <= applied + MIB}
-    if written == 0:
-        extra.append("the agent could not write its scratch at all")
-    escape.conclude(report, runner.verdicts(report, host), extra)
+    # The host measures each place in the agent's own mount namespace: a
+    # read-only mount, or a filesystem no bigger than the cap.
+    pid = escape.launched[agent.name].main()
+    host: dict[str, Judge] = {}
+    for label, where in (("fill-scratch", os.readlink(f"/proc/{pid}/cwd")), ("fill-tmp", "/tmp"),
+                         ("fill-dev-shm", "/dev/shm"), ("fill-dev", "/dev"), ("fill-root", "/")):
+        size, used = _fs_bytes(hostview.in_root(pid, where))
+        capped = hostview.read_only(pid, where) or size <= applied + MIB
+        host[label] = lambda a, ok=capped: blocked(a) and ok
+        if not capped:
+            extra.append(f"{where} in the sandbox is a writable {size // MIB} MiB filesystem, "
+                         f"over the {applied // MIB} MiB cap")
+        if label == "fill-scratch" and not used:
+            extra.append("the agent could not write its scratch at all")
+    escape.conclude(report, runner.verdicts(report, host, host), extra)
+
+
+def _fs_bytes(path: str) -> tuple[int, int]:
+    """Size and bytes in use of the filesystem holding path (statvfs(3))."""
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
 # ------------------------------------------------------------------ kernel
@@ -438,14 +641,40 @@ def test_write_sysrq_and_sysctls(escape: Escape) -> None:
     sethostname to the same name, oom_score_adj -1000, /sys knobs. The host
     then reads its hostname and core_pattern back.
     """
-    hostname = Path("/proc/sys/kernel/hostname").read_text()
-    core = Path("/proc/sys/kernel/core_pattern").read_text()
+    sysctls = {f"sysctl:{name}": f"/proc/sys/{name}" for name in _SYSCTLS}
+    before = {path: _read(path) for path in sysctls.values()}
     agent = escape.run("kernel_knobs.py", {})
     report = escape.report(agent)
-    extra = [f"{p} changed" for p, v in (("/proc/sys/kernel/hostname", hostname),
-                                          ("/proc/sys/kernel/core_pattern", core))
-             if Path(p).read_text() != v]
-    escape.conclude(report, runner.verdicts(report), extra)
+    launched = escape.launched[agent.name]
+    pid = launched.main()
+    # The host reads each knob back, the agent's privileges from /proc, and
+    # its view of /sys from its mountinfo (a read-only mount).
+    # /proc/sys and /proc/sysrq-trigger belong to the host's root: bwrap covers
+    # them read-only only where the sandbox's root could write them, so what
+    # guards them is that the agent is neither root nor capable (from /proc).
+    unprivileged = not launched.privileges()
+    host: dict[str, Judge] = {}
+    for label, path in sysctls.items():
+        host[label] = lambda a, p=path: blocked(a) and _read(p) == before[p] and unprivileged
+    host["sethostname"] = lambda a: blocked(a) and _read(sysctls["sysctl:kernel/hostname"]) == (
+        before[sysctls["sysctl:kernel/hostname"]]) and unprivileged
+    host["sysrq-trigger"] = lambda a: blocked(a) and unprivileged
+    for label, path in (("sys-kernel-uevent_helper", "/sys/kernel/uevent_helper"),
+                        ("sys-power-state", "/sys/power/state")):
+        host[label] = lambda a, p=path: blocked(a) and (
+            hostview.read_only(pid, p) or not os.path.lexists(hostview.in_root(pid, p)))
+    lowered = [p for p in launched.processes() if _read(f"/proc/{p}/oom_score_adj") == "-1000"]
+    host["oom_score_adj:-1000"] = lambda a: blocked(a) and not lowered
+    extra = [f"{p} changed on the host" for p in sysctls.values() if _read(p) != before[p]]
+    extra += [f"process {p} has oom_score_adj -1000" for p in lowered]
+    extra += launched.privileges()
+    escape.conclude(report, runner.verdicts(report, host, host), extra)
+
+
+# As kernel_knobs.py rewrites them.
+_SYSCTLS = ("kernel/core_pattern", "kernel/modprobe", "kernel/hostname", "kernel/domainname",
+            "kernel/sysrq", "kernel/panic", "vm/overcommit_memory", "net/ipv4/ip_forward",
+            "fs/suid_dumpable", "kernel/unprivileged_bpf_disabled")
 
 
 _HARMLESS_DEVICES = {"null", "zero", "full", "random", "urandom", "tty", "ptmx"}
@@ -494,10 +723,37 @@ def test_kernel_attack_surface(escape: Escape) -> None:
     init_module, finit_module, delete_module, reboot and swapon with
     invalid arguments; iopl; raising RLIMIT_NOFILE.
     """
-    agent = escape.run("kernel_surface.py", {"devices": _host_devices(),
-                                             "root_disk": _root_disk()})
+    devices = _host_devices()
+    major, minor = _root_disk()
+    agent = escape.run("kernel_surface.py", {"devices": devices, "root_disk": (major, minor)})
     report = escape.report(agent)
-    escape.conclude(report, runner.verdicts(report))
+    pid = escape.launched[agent.name].main()
+    # The host looks at the agent's /dev: a device it does not show cannot be opened.
+    shown = {d: _is_device(hostview.in_root(pid, d)) for d in devices if d.startswith("/dev/")}
+    host: dict[str, Judge] = {f"open-device:{d}": lambda a, seen=seen: blocked(a) and not seen
+                              for d, seen in shown.items()}
+    cwd = os.readlink(f"/proc/{pid}/cwd")
+    for label, name in (("mknod:char-1:1-mem", "mem"),
+                        (f"mknod:block-{major}:{minor}-host-disk", "disk")):
+        made = os.path.lexists(hostview.in_root(pid, f"{cwd}/{escape.tag}-{name}"))
+        host[label] = lambda a, made=made: blocked(a) and not made
+    expected = [*(f"open-device:{d}" for d in devices), *host, "tiocsti:/dev/tty",
+                *(f"tiocsti:fd{fd}" for fd in (0, 1, 2)), "open_by_handle_at-shocker",
+                "add_key", "keyctl-get-session-keyring", "bpf-map-create",
+                "perf_event_open-self", "io_uring_setup", "userfaultfd-user-mode",
+                "kexec_load-bad-flags", "init_module-null", "finit_module-bad-fd",
+                "delete_module-missing", "reboot-bad-magic", "swapon-missing",
+                "raise-rlimit-nofile", *(["iopl-3"] if os.uname().machine == "x86_64" else [])]
+    escape.conclude(report, runner.verdicts(report, expected, host),
+                    escape.launched[agent.name].privileges())
+
+
+def _is_device(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
 
 
 @pytest.mark.needs_sandbox
@@ -520,7 +776,28 @@ def test_sandbox_seen_from_inside(escape: Escape) -> None:
     extra = [f"the daemon reports {c.name} not ok: {c.detail}" for c in sandbox.checks if not c.ok]
     if sandbox.network != "none":
         extra.append(f"the default profile's network is {sandbox.network!r}")
-    escape.conclude(report, runner.verdicts(report), extra)
+    # The same questions, asked of /proc by the host.
+    launched = escape.launched[agent.name]
+    pid = launched.main()
+    st = hostview.status(pid)
+    caps = ("CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd")
+    ns_now = hostview.ns_links(pid)
+    links = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
+    interfaces = {line.split(":")[0].strip() for line in links}
+    host: dict[str, Judge] = {
+        "runs-as-root": lambda a: blocked(a) and "0" not in st.get("Uid", "0").split(),
+        "no_new_privs-off": lambda a: blocked(a) and st.get("NoNewPrivs") == "1",
+        "seccomp-off": lambda a: blocked(a) and st.get("Seccomp") == "2",
+        "host-interfaces-visible": lambda a: blocked(a) and interfaces <= {"lo"},
+        "daemon-env-canary": lambda a: blocked(a) and not any(
+            _environ_has(p, CANARY) for p in launched.processes()),
+    }
+    for cap in caps:
+        host[f"capabilities:{cap}"] = lambda a, c=cap: blocked(a) and not int(st.get(c, "1"), 16)
+    for ns in ("pid", "net", "mnt"):
+        host[f"host-{ns}-namespace"] = lambda a, n=ns: blocked(a) and ns_now.get(n) not in (
+            None, host_ns[n])
+    escape.conclude(report, runner.verdicts(report, host, host), extra)
 
 
 @pytest.mark.needs_sandbox
@@ -545,14 +822,14 @@ def test_restriction_left_out_is_caught(escape: Escape, omit: str) -> None:
                 "canary": CANARY})
         except grpc.RpcError as err:
             refused = err.code() == grpc.StatusCode.FAILED_PRECONDITION
-            escape.conclude(None, {f"launch-without-{omit}": refused},
+            escape.conclude(None, runner.Verdicts.from_host({f"launch-without-{omit}": refused}),
                             [] if refused else [f"launch failed otherwise: {err.details()}"])
             return
         report = runner.wait_report(d, agent)
         claimed = "; ".join(f"{c.name}={'ok' if c.ok else 'NOT ok'}"
                             for c in d.get(agent.name).sandbox.checks)
         problems = runner.end_agent(d, d.get(agent.name))
-        escape.conclude(None, {f"launch-without-{omit}": False}, [
+        escape.conclude(None, runner.Verdicts.from_host({f"launch-without-{omit}": False}), [
             f"the daemon ran an agent without {omit}; it claimed: {claimed}",
             "inside: " + ", ".join(f"{a.name} {a.outcome}" for a in report.attempts.values()
                                    if a.outcome != "BLOCKED"), *problems])

@@ -34,6 +34,7 @@ with open("/proc/self/cgroup") as f:
     fact("proc-self-cgroup", ";".join(line.strip() for line in f))
 me = os.environ.get("AGENTD_AGENT_ID", "")
 fact("agent-id", me or "unknown")
+fact("pid", os.getpid())  # as seen in the sandbox: the host maps it (NSpid) and checks it
 for label, path, value in t["writes"]:
     attempt(label, write(path.replace("{self}", me), value))
 for label, path in t["mkdirs"]:

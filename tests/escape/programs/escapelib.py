@@ -120,12 +120,20 @@ def syscall(name, *args):
     return result
 
 
-def in_child(fn, timeout=10.0):
+def hold():
+    """Stay alive, doing nothing, until the test kills the agent (bounded)."""
+    time.sleep(600)
+    os._exit(0)
+
+
+def in_child(fn, timeout=10.0, keep=False):
     """Run fn() in a forked child and return what it returned (a short str).
 
     For attempts that would change this process for good (unshare, setns):
     the child reports through a pipe and exits; OSError and Blocked cross
-    over as themselves.
+    over as themselves. keep: the child stays alive after reporting (see
+    hold()), so that the host can read from /proc what the attempt left it
+    with (its namespaces, its mounts), whatever this program says.
     """
     r, w = os.pipe()
     pid = os.fork()
@@ -140,14 +148,17 @@ def in_child(fn, timeout=10.0):
         except BaseException as err:  # reported, never raised in the child
             msg = f"error {type(err).__name__}"
         os.write(w, msg.encode()[:500])
+        if keep:
+            hold()
         os._exit(0)
     os.close(w)
     ready, _, _ = select.select([r], [], [], timeout)
     data = os.read(r, 600).decode() if ready else "error timeout"
     os.close(r)
-    with contextlib.suppress(OSError):
-        os.kill(pid, 9)
-    os.waitpid(pid, 0)
+    if not keep:
+        with contextlib.suppress(OSError):
+            os.kill(pid, 9)
+        os.waitpid(pid, 0)
     kind, _, rest = data.partition(" ")
     if kind == "errno":
         raise OSError(int(rest), os.strerror(int(rest)))

@@ -4,12 +4,13 @@ Each needs CAP_SYS_ADMIN, which the agent does not hold, or a new user
 namespace, which the seccomp filter refuses (unshare and clone with
 CLONE_NEWUSER; clone3, whose flags seccomp cannot read, must fail whole).
 Every attempt runs in a forked child: one that worked must not change the
-attempts after it.
+attempts after it. The children (and those clone(2) made) stay alive until
+the agent is killed: the host reads their namespaces and mounts from /proc.
 """
 import ctypes
 import os
 
-from escapelib import attempt, done, fact, in_child, syscall, targets
+from escapelib import attempt, done, fact, hold, in_child, syscall, targets
 
 t = targets()
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
@@ -17,19 +18,22 @@ CLONE_NEWPID, CLONE_NEWCGROUP, SIGCHLD = 0x20000000, 0x02000000, 17
 scratch = os.getcwd()
 
 
+def kept(fn):
+    return in_child(fn, keep=True)
+
+
 def unshare(flags):
-    return lambda: in_child(lambda: syscall("unshare", flags))
+    return lambda: kept(lambda: syscall("unshare", flags))
 
 
 def clone(flags):
-    """clone(2) like fork, into new namespaces; the child exits at once."""
+    """clone(2) like fork, into new namespaces; the new child stays (for the host to see)."""
     def child():
         pid = syscall("clone", flags | SIGCHLD, 0, 0, 0, 0)
         if pid == 0:
-            os._exit(0)
-        os.waitpid(pid, 0)
+            hold()
         return f"child-{pid}"
-    return lambda: in_child(child)
+    return lambda: kept(child)
 
 
 class CloneArgs(ctypes.Structure):
@@ -43,23 +47,22 @@ def clone3(flags):
         args = CloneArgs(flags=flags, exit_signal=SIGCHLD)
         pid = syscall("clone3", ctypes.byref(args), ctypes.sizeof(args))
         if pid == 0:
-            os._exit(0)
-        os.waitpid(pid, 0)
+            hold()
         return f"child-{pid}"
-    return lambda: in_child(child)
+    return lambda: kept(child)
 
 
 def mount_tmpfs():
     target = os.path.join(scratch, f"{t['tag']}-mnt")
     os.makedirs(target, exist_ok=True)
-    return in_child(lambda: syscall("mount", b"none", target.encode(), b"tmpfs", 0, None))
+    return kept(lambda: syscall("mount", b"none", target.encode(), b"tmpfs", 0, None))
 
 
 def setns(path):
     def child():
         fd = os.open(path, os.O_RDONLY)
         return syscall("setns", fd, 0)
-    return lambda: in_child(child)
+    return lambda: kept(child)
 
 
 try:  # A plain clone3 is a fork: allowed or ENOSYS (glibc falls back), never an escape.
@@ -77,8 +80,8 @@ attempt("clone3-newuser", clone3(CLONE_NEWUSER))
 for ns in ("mnt", "net", "pid", "user", "cgroup"):
     attempt(f"setns-init-{ns}", setns(f"/proc/1/ns/{ns}"))
     attempt(f"setns-daemon-{ns}", setns(f"/proc/{t['daemon_pid']}/ns/{ns}"))
-attempt("pivot_root", lambda: in_child(lambda: syscall("pivot_root", b".", b".")))
-attempt("chroot", lambda: in_child(lambda: os.chroot(scratch)))
+attempt("pivot_root", lambda: kept(lambda: syscall("pivot_root", b".", b".")))
+attempt("chroot", lambda: kept(lambda: os.chroot(scratch)))
 attempt("open_tree-clone", lambda: in_child(lambda: syscall("open_tree", -100, b"/", 1)))
 attempt("fsopen-tmpfs", lambda: in_child(lambda: syscall("fsopen", b"tmpfs", 0)))
 done()
