@@ -25,12 +25,14 @@ from typing import Any, Self
 
 from agentd import auditchain
 
-from daemon.errors import AuditWriteError
+from daemon.errors import AuditUnavailable, AuditWriteError
 
 _log = logging.getLogger(__name__)
 
 # Enough of the old chain's problems to act on; the file itself keeps the rest.
 _MAX_PROBLEMS_RECORDED = 20
+# Records kept in memory while the disk refuses them (a few hundred bytes each).
+MAX_BACKLOG = 100_000
 
 
 def _utcnow() -> datetime:
@@ -55,6 +57,11 @@ class AuditLog:
         self._clock = clock
         self._lock = threading.Lock()
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        # Records the disk has not taken yet, in order, unchained:
+        # (event, ts, fields). See append().
+        self._backlog: list[tuple[str, datetime, dict[str, Any]]] = []
+        self._dropped: list[Any] = [0, ""]  # [count, first event] past MAX_BACKLOG
+        self._failing = ""  # why the last write failed; "" when healthy
 
     def add_listener(self, fn: Callable[[dict[str, Any]], None]) -> None:
         """Call fn(record) after each durable append (events, metrics).
@@ -98,33 +105,131 @@ class AuditLog:
         return log
 
     # ------------------------------------------------------------ appending
-    def append(self, event: str, **fields: Any) -> str:
-        """Append one record, fsync it, update the head file; return its hash.
+    def append(self, event: str, **fields: Any) -> bool:
+        """Add one record to the chain; True once it is durable, False if it waits.
 
         Values must be JSON-serialisable (convert bytes to hex at the call
-        site). Raises TypeError or ValueError for a bad field, before anything
-        is written; AuditWriteError if the write or fsync fails. The record
-        is in the chain once the write succeeds, even if a later step fails.
+        site): TypeError or ValueError for a bad field, before anything is
+        written. Never raises for the disk: a record the disk does not take
+        (full, read-only, failing) waits in memory, unchained, with every
+        later one behind it in order, and is written by the next append or
+        flush() that succeeds (issue 10: a full disk must not turn a kill
+        into an error). Past MAX_BACKLOG waiting records, further ones are
+        counted, not kept, and an ``audit_records_dropped`` record says how
+        many when the disk is back.
         """
+        ts = self._clock()
+        auditchain.encode_record(seq=0, prev=auditchain.GENESIS, event=event, ts=ts,
+                                 fields=fields)  # raises for a bad field, before anything
         with self._lock:
-            seq, prev = self._head
-            line = auditchain.encode_record(
-                seq=seq + 1, prev=prev, event=event, ts=self._clock(), fields=fields
-            )
-            self._write_line(line + b"\n")
-            digest = auditchain.record_hash(line)
-            self._head = (seq + 1, digest)
-            # Under the lock, so that heads are written in seq order and the
-            # head file never goes backwards.
-            self._sync_and_write_head()
-        if self._listeners:
-            record = {"seq": seq + 1, "ts": self._clock().timestamp(), "event": event, **fields}
-            for fn in self._listeners:
-                try:
-                    fn(record)
-                except Exception:
-                    _log.exception("audit listener failed")
-        return digest
+            if self._fd < 0:
+                raise AuditWriteError(f"cannot write audit log {self._path}: it is closed")
+            if len(self._backlog) < MAX_BACKLOG:
+                self._backlog.append((event, ts, fields))
+                mine = True
+            else:
+                self._dropped[0] += 1
+                self._dropped[1] = self._dropped[1] or event
+                mine = False
+            written = self._flush_locked()
+        durable = mine and not self._backlog
+        # Listeners (events, metrics, journal) hear of a waiting record at
+        # once, marked as such; it is not repeated when it reaches the disk.
+        record = {"ts": ts.timestamp(), "event": event, **fields}
+        if written and durable:
+            record["seq"] = self._head[0]
+        elif not durable:
+            record["audit_pending"] = True
+        self._notify(record)
+        return durable
+
+    def append_or_refuse(self, event: str, **fields: Any) -> None:
+        """Append one record and make it durable, or raise AuditUnavailable having added nothing.
+
+        For commands that start or loosen something (run, thaw, renew,
+        reset): they act only once their record is on disk, and are refused,
+        naming the path and the error, while the log cannot be written.
+        """
+        ts = self._clock()
+        with self._lock:
+            self._flush_locked()
+            if self._backlog or self._failing:
+                raise AuditUnavailable(self._unavailable_message())
+            try:
+                self._write_record(event, ts, fields)
+            except AuditWriteError as err:
+                self._failing = err.message
+                raise AuditUnavailable(self._unavailable_message()) from err
+            seq = self._head[0]
+        self._notify({"seq": seq, "ts": ts.timestamp(), "event": event, **fields})
+
+    def flush(self) -> bool:
+        """Write what waits, if the disk takes it now. True when nothing is left waiting."""
+        with self._lock:
+            self._flush_locked()
+            return not self._backlog and not self._failing
+
+    @property
+    def pending(self) -> int:
+        """Records waiting for the disk (0 when the log is healthy)."""
+        return len(self._backlog)
+
+    def _unavailable_message(self) -> str:
+        return (f"the audit log {self._path} cannot be written ({self._failing}); "
+                f"{len(self._backlog)} record(s) wait in memory. Commands that start or "
+                "loosen (run, thaw, renew, reset) are refused until it can be written; "
+                "stop, kill, estop and freeze still act. Free space on that file system")
+
+    def _flush_locked(self) -> bool:
+        """Write the waiting records in order, then any drop count; True if any was written."""
+        wrote = False
+        try:
+            if self._failing and not self._backlog:
+                # Written but perhaps not durable, or the head lags: retry both.
+                self._sync_and_write_head()
+            while self._backlog:
+                event, ts, fields = self._backlog[0]
+                self._write_record(event, ts, fields)
+                self._backlog.pop(0)
+                wrote = True
+            if self._dropped[0]:
+                count, first = self._dropped
+                self._write_record("audit_records_dropped", self._clock(),
+                                   {"count": count, "first_event": first,
+                                    "max_backlog": MAX_BACKLOG})
+                self._dropped = [0, ""]
+        except AuditWriteError as err:
+            if not self._failing:
+                _log.error("audit log unwritable, records wait in memory: %s", err.message)
+            self._failing = err.message
+            return wrote
+        if self._failing:
+            _log.warning("audit log %s writable again", self._path)
+        self._failing = ""
+        return wrote
+
+    def _write_record(self, event: str, ts: datetime, fields: dict[str, Any]) -> None:
+        """Chain, write, fsync one record and replace the head. Under the lock.
+
+        A line the disk refused is cut off and not chained; one written but
+        not made durable (fsync, head) is in the chain, and the next write
+        syncs it and the head again.
+        """
+        seq, prev = self._head
+        line = auditchain.encode_record(seq=seq + 1, prev=prev, event=event, ts=ts,
+                                        fields=fields)
+        self._write_line(line + b"\n")
+        self._head = (seq + 1, auditchain.record_hash(line))
+        # Under the lock, so that heads are written in seq order and the
+        # head file never goes backwards.
+        self._sync_and_write_head()
+
+    def _notify(self, record: dict[str, Any]) -> None:
+        for fn in self._listeners:
+            try:
+                fn(record)
+            except Exception:
+                _log.exception("audit listener failed")
 
     def _write_line(self, data: bytes) -> None:
         """Write one whole line; on failure, cut off any partial line."""

@@ -7,6 +7,7 @@ translates it into one of these.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import ClassVar
 
 import grpc
@@ -22,6 +23,9 @@ class AgentdError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        # A refused signed command: done once its audit record is written
+        # (daemon.commands.gate); None when it was counted into a summary.
+        self.audit_written: Future[None] | None = None
 
 
 # ------------------------------------------------------------- bad requests
@@ -173,6 +177,16 @@ class AuditWriteError(AgentdError):
     """An audit record could not be written or made durable. The message says which."""
 
     reason = "audit_write_failed"
+
+
+class AuditUnavailable(FailedPrecondition):
+    """The audit log cannot be written now: a command that starts or loosens is refused.
+
+    Stops, kills, estops and freezes still act; their records wait in memory
+    and are written, in order, once the disk takes them again.
+    """
+
+    reason = "audit_unavailable"
 
 
 class ConfigError(Exception):

@@ -63,10 +63,11 @@ def _with_head(path: Path) -> auditchain.VerifyReport:
 def test_records_are_canonical_json_lines_chained_from_genesis(
     log: AuditLog, log_path: Path
 ) -> None:
-    first = log.append("daemon_start", version="0.1.0")
-    second = log.append("kill", name="rogue", command_id="00ff")
+    assert log.append("daemon_start", version="0.1.0") is True  # durable
+    assert log.append("kill", name="rogue", command_id="00ff") is True
 
     lines = _lines(log_path)
+    first, second = (auditchain.record_hash(line) for line in lines)
     assert lines[0] == (
         b'{"event":"daemon_start","prev":"' + GENESIS.encode() + b'",'
         b'"seq":0,"ts":"2025-03-01T12:00:00.001000Z","version":"0.1.0"}\n'
@@ -491,3 +492,64 @@ def _target(fd: int) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return ""
+
+
+# ------------------------------------------------------------- a full disk
+class _DiskFull:
+    """Point the log's descriptor at /dev/full, where every write(2) fails with ENOSPC."""
+
+    def __init__(self, log: AuditLog) -> None:
+        self._log = log
+        self._saved = os.dup(log._fd)
+
+    def __enter__(self) -> None:
+        full = os.open("/dev/full", os.O_WRONLY | os.O_CLOEXEC)
+        os.dup2(full, self._log._fd)
+        os.close(full)
+
+    def __exit__(self, *exc: object) -> None:
+        os.dup2(self._saved, self._log._fd)
+        os.close(self._saved)
+
+
+def test_a_full_disk_keeps_records_waiting_in_order(log: AuditLog, log_path: Path) -> None:
+    from daemon.errors import AuditUnavailable
+
+    seen: list[dict[str, object]] = []
+    log.add_listener(seen.append)
+    assert log.append("daemon_start") is True
+    with _DiskFull(log):
+        # A kill's record: accepted, never an error, waiting.
+        assert log.append("command", decision="accepted", action="kill") is False
+        assert log.append("result", ok=True) is False
+        assert log.pending == 2
+        # A run's record is refused, and nothing is added.
+        with pytest.raises(AuditUnavailable, match=rf"{re.escape(str(log_path))} cannot be "
+                           r"written \(.*No space left on device.*\).*Free space"):
+            log.append_or_refuse("command", decision="accepted", action="run")
+        assert log.pending == 2
+        assert not log.flush()
+    # Listeners heard of the waiting records at once, marked as waiting.
+    assert [r.get("audit_pending") for r in seen] == [None, True, True]
+    assert log.flush()
+    assert log.pending == 0
+    events = [json.loads(line)["event"] for line in _lines(log_path)]
+    assert events == ["daemon_start", "command", "result"]
+    assert verify(log_path, expected_head=read_head(head_path(log_path))).ok
+    log.append_or_refuse("command", decision="accepted", action="run")
+    assert log.head[0] == 3
+
+
+def test_past_the_backlog_cap_records_are_counted_not_kept(
+        log: AuditLog, log_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import daemon.audit
+
+    monkeypatch.setattr(daemon.audit, "MAX_BACKLOG", 3)
+    with _DiskFull(log):
+        for i in range(10):
+            log.append("tripwire", n=i)
+    assert log.flush()
+    recs = [json.loads(line) for line in _lines(log_path)]
+    assert [r["event"] for r in recs] == ["tripwire"] * 3 + ["audit_records_dropped"]
+    assert (recs[-1]["count"], recs[-1]["first_event"]) == (7, "tripwire")
+    assert verify(log_path, expected_head=read_head(head_path(log_path))).ok
