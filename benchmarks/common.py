@@ -1,21 +1,48 @@
-"""What the benchmarks share: process trees, a scratch cgroup, summaries, output."""
+"""What the benchmarks share: dev daemons, process trees, a scratch cgroup, summaries, output."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from tests.harness import BENCH_PREFIX, Daemon  # noqa: E402 - needs REPO on sys.path
+
+
+@contextmanager
+def dev_daemon(**kw: Any) -> Iterator[Daemon]:
+    """A started agentd --dev in a fresh temp dir, its cgroups named BENCH_PREFIX*.
+
+    kw goes to tests.harness.Daemon. On the way out, error or not (a failed
+    start included), the daemon is stopped, which kills its agents, and its
+    directory removed; on an error its stderr's tail is printed first.
+    """
+    root = Path(tempfile.mkdtemp(prefix=BENCH_PREFIX))
+    d = Daemon(root / "dev", cgroup_prefix=BENCH_PREFIX, **kw)
+    try:
+        yield d.start()
+    except BaseException:
+        print(f"agentd's stderr (tail):\n{d.stderr()}", file=sys.stderr)
+        raise
+    finally:
+        d.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def tree_script(n: int, escaped_every: int = 10) -> str:
@@ -73,7 +100,7 @@ class Scratch:
     def __init__(self) -> None:
         from daemon.cgroups.layout import discover
 
-        self.base = discover().unified / f"agentd-bench-{uuid.uuid4().hex[:8]}"
+        self.base = discover().unified / f"{BENCH_PREFIX}{uuid.uuid4().hex[:8]}"
         self.base.mkdir()
         self._procs: list[subprocess.Popen[bytes]] = []
 
@@ -105,6 +132,13 @@ class Scratch:
     def close(self) -> None:
         self.cleanup()
         self.base.rmdir()
+
+    def __enter__(self) -> Scratch:
+        return self
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
 
 def summary(xs: list[float]) -> dict[str, float]:

@@ -12,8 +12,6 @@ Prints a table, writes results/estop.json. Never asserts a time. Needs root.
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 from common import (
     Scratch,
     cell,
+    dev_daemon,
     need_root,
     print_head,
     spin_until_empty,
@@ -77,11 +76,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     need_root("estop")
-    root = Path(tempfile.mkdtemp(prefix="agentd-bench-"))
-    d = Daemon(root / "dev", extra=["--guardian-timeout", "30"]).start()
-    scratch = Scratch()
     rows: list[dict[str, Any]] = []
-    try:
+    with dev_daemon(extra=["--guardian-timeout", "30"]) as d, Scratch() as scratch:
         for n in a.sizes:
             reps = a.reps or (1 if n >= 1000 else 3)
             wall, dm, raw, surv, killed = [], [], [], 0, []
@@ -98,10 +94,6 @@ def main() -> None:
                          "estop_client_ms": summary(wall), "estop_daemon_ms": summary(dm),
                          "raw_cgroup_kill_ms": summary(raw), "survivors": surv,
                          "processes_killed_reported": killed})
-    finally:
-        d.stop()
-        scratch.close()
-        shutil.rmtree(root, ignore_errors=True)
     head = (f"{'agents':>6} {'procs':>6} {'reps':>4} | {'estop client':>16} | "
             f"{'estop daemon':>16} | {'raw cgroup.kill':>16} | survivors")
     print_head(head)

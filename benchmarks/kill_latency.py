@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from typing import Any
 from common import (
     Scratch,
     cell,
+    dev_daemon,
     need_root,
     print_head,
     spin_until_empty,
@@ -137,11 +136,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="JSON output [default: results/kill_latency.json]")
     a = ap.parse_args()
     need_root("kill_latency")
-    root = Path(tempfile.mkdtemp(prefix="agentd-bench-"))
-    d = Daemon(root / "dev").start()
-    scratch = Scratch()
     rows = []
-    try:
+    with dev_daemon() as d, Scratch() as scratch:
         for n in a.sizes:
             reps = a.reps or (30 if n <= 10 else 15 if n <= 100 else 5)
             wall, daemon_ms, raw, naive = [], [], [], []
@@ -169,10 +165,6 @@ def main() -> None:
             row["target_ms"] = limit
             row["meets_target"] = row["agentd_daemon_ms"]["median"] <= limit
             rows.append(row)
-    finally:
-        d.stop()
-        scratch.close()
-        shutil.rmtree(root, ignore_errors=True)
     print_table(rows)
     print(f"\nwrote {write_json('kill_latency', rows, a.out)}")
 

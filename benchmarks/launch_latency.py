@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import cell, need_root, print_head, summary, write_json
+from common import cell, dev_daemon, need_root, print_head, summary, write_json
 
 from daemon.sandbox import bwrap, seccomp
 from daemon.sandbox.policy import Profile
@@ -101,19 +99,14 @@ def main() -> None:
     problem = bwrap.available()
     if problem:
         raise SystemExit(f"launch_latency: {problem}")
-    root = Path(tempfile.mkdtemp(prefix="agentd-bench-"))
-    d = Daemon(root / "dev").start()
     agentd_first, agentd_rpc, bw, bare = [], [], [], []
-    try:
+    with dev_daemon() as d:
         for i in range(a.reps):
             first, rpc = bench_agentd(d, i)
             agentd_first.append(first)
             agentd_rpc.append(rpc)
             bw.append(bench_bwrap())
             bare.append(bench_popen())
-    finally:
-        d.stop()
-        shutil.rmtree(root, ignore_errors=True)
     rows: list[dict[str, Any]] = [
         {"what": "agentd Run -> agent's first instruction", "ms": summary(agentd_first)},
         {"what": "agentd Run RPC round trip (incl. checks)", "ms": summary(agentd_rpc)},

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from common import (
     Scratch,
+    dev_daemon,
     need_root,
     print_head,
     spin_until_empty,
@@ -69,16 +68,13 @@ def run_size(d: Daemon, n: int, lead_s: float) -> dict[str, object]:
 
 def raw_baseline(n: int) -> dict[str, float]:
     """The physical limit: cgroup.kill written to n one-process cgroups, each until empty."""
-    scratch = Scratch()
-    try:
+    with Scratch() as scratch:
         groups = [scratch.spawn(1, escaped_every=0)[0] for _ in range(n)]
         t0 = time.perf_counter()
         for cg in groups:
             write_kill(cg)
         done = spin_until_empty(groups)
         return summary([(t - t0) * 1e3 for t in done.values()])
-    finally:
-        scratch.close()
 
 
 def _audit(d: Daemon) -> list[dict[str, object]]:
@@ -92,16 +88,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     need_root("lease_precision")
-    root = Path(tempfile.mkdtemp(prefix="agentd-bench-"))
-    # pids: 1000 agents of one process each; the default per-agent limit is plenty.
-    d = Daemon(root / "dev", extra=["--guardian-timeout", "30"]).start()
     rows = []
-    try:
+    # pids: 1000 agents of one process each; the default per-agent limit is plenty.
+    with dev_daemon(extra=["--guardian-timeout", "30"]) as d:
         for n in a.sizes:
             rows.append(run_size(d, n, a.lead))
-    finally:
-        d.stop()
-        shutil.rmtree(root, ignore_errors=True)
     for row in rows:
         row["raw_first_write_to_empty_ms"] = raw_baseline(int(row["agents"]))  # type: ignore[call-overload]
     head = (f"{'agents':>6} {'expired':>7} {'empty':>5} | {'deadline→kill written':>26} | "

@@ -24,6 +24,7 @@ from typing import Any
 
 from common import cell, need_root, print_head, summary, write_json
 
+from tests.harness import BENCH_PREFIX
 from tests.scratch_agents import ScratchAgents
 
 # (agents, children per agent)
@@ -41,7 +42,7 @@ time.sleep(1000)
 
 
 def bench(n: int, children: int, sweeps: int, port: int, out: Path) -> dict[str, Any]:
-    scratch = ScratchAgents()
+    scratch = ScratchAgents(prefix=BENCH_PREFIX)
     try:
         agents = [scratch.spawn([sys.executable, "-c", _AGENT, str(port), str(out / f"f{i}"),
                                  str(children)], name=f"b{i}") for i in range(n)]
