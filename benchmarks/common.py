@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -19,6 +20,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
+# `--smoke` runs write here, never over the real results (git-ignored, as RESULTS is).
+SMOKE_RESULTS = RESULTS / "smoke"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -43,6 +46,12 @@ def dev_daemon(**kw: Any) -> Iterator[Daemon]:
     finally:
         d.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def add_smoke_flag(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--smoke", action="store_true",
+                    help="one repetition at the smallest size: checks that the benchmark "
+                         "runs, measures nothing (JSON to results/smoke/)")
 
 
 def tree_script(n: int, escaped_every: int = 10) -> str:
@@ -150,8 +159,10 @@ def summary(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(s), "p99": p99, "max": s[-1], "n": len(s)}
 
 
-def write_json(name: str, rows: list[dict[str, Any]], out: Path | None = None) -> Path:
-    path = out or RESULTS / f"{name}.json"
+def write_json(name: str, rows: list[dict[str, Any]], out: Path | None = None, *,
+               smoke: bool = False) -> Path:
+    """Write rows to out [default: results/NAME.json, or results/smoke/NAME.json]."""
+    path = out or (SMOKE_RESULTS if smoke else RESULTS) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": name, "host": os.uname().nodename,
                                 "kernel": os.uname().release, "rows": rows}, indent=2))

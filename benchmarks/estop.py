@@ -18,6 +18,7 @@ from typing import Any
 
 from common import (
     Scratch,
+    add_smoke_flag,
     cell,
     dev_daemon,
     need_root,
@@ -74,7 +75,10 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="*", default=SIZES)
     ap.add_argument("--reps", type=int, default=0, help="repetitions [default: 3, 1 for 1000]")
     ap.add_argument("--out", type=Path)
+    add_smoke_flag(ap)
     a = ap.parse_args()
+    if a.smoke:
+        a.sizes, a.reps = [min(a.sizes)], 1
     need_root("estop")
     rows: list[dict[str, Any]] = []
     with dev_daemon(extra=["--guardian-timeout", "30"]) as d, Scratch() as scratch:
@@ -103,7 +107,7 @@ def main() -> None:
         print(f"{r['agents']:>6} {r['agents'] * PER_AGENT:>6} {r['reps']:>4} | "
               + " | ".join(f"{c:>16}" for c in cells) + f" | {r['survivors']}")
     print("\ncells: median / max in ms, command (or first write) to every cgroup verified empty")
-    print(f"wrote {write_json('estop', rows, a.out)}")
+    print(f"wrote {write_json('estop', rows, a.out, smoke=a.smoke)}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from typing import Any
 
 from common import (
     Scratch,
+    add_smoke_flag,
     cell,
     dev_daemon,
     need_root,
@@ -134,7 +135,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=0, help="repetitions per size (default: by size)")
     ap.add_argument("--sizes", type=int, nargs="*", default=SIZES)
     ap.add_argument("--out", type=Path, help="JSON output [default: results/kill_latency.json]")
+    add_smoke_flag(ap)
     a = ap.parse_args()
+    if a.smoke:
+        a.sizes, a.reps = [min(a.sizes)], 1
     need_root("kill_latency")
     rows = []
     with dev_daemon() as d, Scratch() as scratch:
@@ -166,7 +170,7 @@ def main() -> None:
             row["meets_target"] = row["agentd_daemon_ms"]["median"] <= limit
             rows.append(row)
     print_table(rows)
-    print(f"\nwrote {write_json('kill_latency', rows, a.out)}")
+    print(f"\nwrote {write_json('kill_latency', rows, a.out, smoke=a.smoke)}")
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

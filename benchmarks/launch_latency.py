@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import cell, dev_daemon, need_root, print_head, summary, write_json
+from common import add_smoke_flag, cell, dev_daemon, need_root, print_head, summary, write_json
 
 from daemon.sandbox import bwrap, seccomp
 from daemon.sandbox.policy import Profile
@@ -94,7 +94,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--out", type=Path)
+    add_smoke_flag(ap)
     a = ap.parse_args()
+    if a.smoke:
+        a.reps = 1
     need_root("launch_latency")
     problem = bwrap.available()
     if problem:
@@ -117,7 +120,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['what']:<46} | {cell(r, 'ms')}")
     print(f"\n{a.reps} launches each; the program is python3 -S printing CLOCK_MONOTONIC")
-    print(f"wrote {write_json('launch_latency', rows, a.out)}")
+    print(f"wrote {write_json('launch_latency', rows, a.out, smoke=a.smoke)}")
 
 
 if __name__ == "__main__":

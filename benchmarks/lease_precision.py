@@ -20,6 +20,7 @@ from pathlib import Path
 
 from common import (
     Scratch,
+    add_smoke_flag,
     dev_daemon,
     need_root,
     print_head,
@@ -86,7 +87,10 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="*", default=SIZES)
     ap.add_argument("--lead", type=float, default=2.0, help="seconds of lease after launching")
     ap.add_argument("--out", type=Path)
+    add_smoke_flag(ap)
     a = ap.parse_args()
+    if a.smoke:
+        a.sizes = [min(a.sizes)]
     need_root("lease_precision")
     rows = []
     # pids: 1000 agents of one process each; the default per-agent limit is plenty.
@@ -110,7 +114,7 @@ def main() -> None:
     print("\ncells: median p99 max, in ms after the lease deadline (daemon's monotonic clock);"
           "\nraw: the same number of one-process cgroups killed by hand, from the first"
           " cgroup.kill write to each one empty (the physical limit)")
-    print(f"wrote {write_json('lease_precision', rows, a.out)}")
+    print(f"wrote {write_json('lease_precision', rows, a.out, smoke=a.smoke)}")
 
 
 if __name__ == "__main__":

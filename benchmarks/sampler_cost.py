@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import cell, need_root, print_head, summary, write_json
+from common import add_smoke_flag, cell, need_root, print_head, summary, write_json
 
 from tests.harness import BENCH_PREFIX
 from tests.scratch_agents import ScratchAgents
@@ -72,7 +72,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sweeps", type=int, default=SWEEPS)
     ap.add_argument("--out", type=Path)
+    add_smoke_flag(ap)
     a = ap.parse_args()
+    cases = CASES[:1] if a.smoke else CASES
+    if a.smoke:
+        a.sweeps = 1
     need_root("sampler_cost")
     outside = Path(tempfile.mkdtemp(prefix="agentd-bench-", dir="/run"))
     rows = []
@@ -81,7 +85,7 @@ def main() -> None:
             listener.bind(("127.0.0.1", 0))
             listener.listen(1024)
             port = listener.getsockname()[1]
-            for n, children in CASES:
+            for n, children in cases:
                 rows.append(bench(n, children, a.sweeps, port, outside))
     finally:
         shutil.rmtree(outside, ignore_errors=True)
@@ -94,7 +98,7 @@ def main() -> None:
               f"{cell(r, 'sweep_ms', 'p99', 6, 1):>16} ms | {per:>6.0f} us | "
               f"{r['connections_seen']}, {r['files_seen']}")
     print("\none sweep = Sampler.sweep() over every agent, as the daemon runs it each period")
-    print(f"wrote {write_json('sampler_cost', rows, a.out)}")
+    print(f"wrote {write_json('sampler_cost', rows, a.out, smoke=a.smoke)}")
 
 
 if __name__ == "__main__":

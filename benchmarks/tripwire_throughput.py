@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from agentd.v1 import agentd_pb2
-from common import dev_daemon, need_root, summary, write_json
+from common import add_smoke_flag, dev_daemon, need_root, summary, write_json
 
 from tests.harness import AGENT_PYTHON, HOSTILE_PARENT, Daemon, wait_for
 
@@ -228,7 +228,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="length of each run [5]")
     ap.add_argument("--reps", type=int, default=5, help="kill and freeze repetitions [5]")
     ap.add_argument("--out", type=Path, help="JSON output [default: results/...]")
+    add_smoke_flag(ap)
     a = ap.parse_args()
+    if a.smoke:
+        a.seconds, a.reps = 1.0, 1
     need_root("tripwire_throughput")
     work = Path(tempfile.mkdtemp(prefix="agentd-bench-"))
     # Where agents' sandboxes can read it (their /tmp is their own).
@@ -259,7 +262,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(progdir, ignore_errors=True)
     print_tables(rows, actions)
-    path = write_json("tripwire_throughput", rows + actions, a.out)
+    path = write_json("tripwire_throughput", rows + actions, a.out, smoke=a.smoke)
     print(f"\nwrote {path}")
 
 
