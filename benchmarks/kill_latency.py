@@ -12,6 +12,10 @@ own session with setsid, as daemonisers do), measures:
 
 Survivors are counted for each. Prints a table, writes JSON to
 benchmarks/results/kill_latency.json. Needs root. Never asserts a time.
+
+A tree of 1000 needs more pids than the default profile's limit: that run is
+looser than the default, so it is signed, as the product requires, by an
+admin with a reason.
 """
 
 from __future__ import annotations
@@ -40,9 +44,12 @@ from common import (
     write_kill,
 )
 
-from tests.harness import Daemon
+from daemon.config import Config
+from tests.harness import SANDBOX_PROCS, Daemon
 
 SIZES = [1, 10, 100, 1000]
+# Above this pids limit a run is looser than the dev daemon's default profile.
+DEFAULT_PIDS = Config.default_pids_max
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -117,9 +124,15 @@ def bench_naive(scratch: Scratch, n: int) -> tuple[float, int]:
 
 def bench_agentd(d: Daemon, n: int, i: int) -> tuple[float, float, int, int]:
     name = f"bench-{n}-{i}"
-    agent = d.run(name, ["/bin/sh", "-c", tree_script(n)], pids=n + 64)
+    pids = n + 64
+    looser = pids > DEFAULT_PIDS
+    agent = d.run(name, ["/bin/sh", "-c", tree_script(n)], pids=pids,
+                  key=d.keys.admin if looser else None,
+                  reason=f"benchmark: a tree of {n} processes needs pids {pids}" if looser
+                  else "benchmark")
     cg = Path(agent.cgroup_paths[0])
-    wait_count(cg / "cgroup.procs", n)
+    # The sandbox's bwrap and its init share the cgroup with the tree.
+    wait_count(cg / "cgroup.procs", n + SANDBOX_PROCS)
     cmd = d.command()
     cmd.kill.name = name
     env = d.sign(cmd, d.keys.oncall)
