@@ -13,7 +13,7 @@ APT_PACKAGES := libsystemd-dev pkg-config python3-venv python3-dev gcc systemd-c
                 bubblewrap libseccomp2
 STAMP  := $(VENV)/.installed
 
-.PHONY: help deps venv proto demo test test-fast lint typecheck check bench clean \
+.PHONY: help deps venv proto demo test test-fast lint typecheck check bench bench-smoke clean \
         install uninstall
 
 help: ## List the targets
@@ -46,10 +46,11 @@ proto: $(STAMP) ## Regenerate the committed gRPC stubs from proto/
 demo: $(STAMP) ## Start a dev daemon, launch a rogue agent, kill it with a signed command
 	bash demo/demo.sh
 
-test: $(STAMP) ## Run lint, type checks and the whole test suite (needs root)
+test: $(STAMP) ## Run lint, type checks, the whole test suite and bench-smoke (needs root)
 	$(VENV)/bin/ruff check daemon agentctl tests benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
+	$(PY) benchmarks/smoke.py
 
 test-fast: $(STAMP) ## Tests that need no root
 	$(VENV)/bin/pytest -m "not root"
@@ -60,13 +61,17 @@ lint: $(STAMP) ## ruff
 typecheck: $(STAMP) ## mypy --strict on daemon/ and agentctl/
 	$(VENV)/bin/mypy
 
-bench: $(STAMP) ## Benchmarks: kill latency, lease precision, estop (tables; JSON in benchmarks/results/)
+bench: $(STAMP) ## Every benchmark at full size (tables; JSON in benchmarks/results/; minutes)
 	$(PY) benchmarks/kill_latency.py
 	$(PY) benchmarks/lease_precision.py
 	$(PY) benchmarks/estop.py
 	$(PY) benchmarks/sampler_cost.py
 	$(PY) benchmarks/tripwire_throughput.py
 	$(PY) benchmarks/launch_latency.py
+
+# A check, not a measurement: one repetition each, no time asserted.
+bench-smoke: $(STAMP) ## Every benchmark once at its smallest size; fails if one crashes or leaks
+	$(PY) benchmarks/smoke.py
 
 # Deployment. The service's virtualenv is built on the OS's interpreter
 # (/usr/bin/python3), not on whichever python3 comes first in PATH (often a

@@ -1,21 +1,57 @@
-"""What the benchmarks share: process trees, a scratch cgroup, summaries, output."""
+"""What the benchmarks share: dev daemons, process trees, a scratch cgroup, summaries, output."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
+# `--smoke` runs write here, never over the real results (git-ignored, as RESULTS is).
+SMOKE_RESULTS = RESULTS / "smoke"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from tests.harness import BENCH_PREFIX, Daemon  # noqa: E402 - needs REPO on sys.path
+
+
+@contextmanager
+def dev_daemon(**kw: Any) -> Iterator[Daemon]:
+    """A started agentd --dev in a fresh temp dir, its cgroups named BENCH_PREFIX*.
+
+    kw goes to tests.harness.Daemon. On the way out, error or not (a failed
+    start included), the daemon is stopped, which kills its agents, and its
+    directory removed; on an error its stderr's tail is printed first.
+    """
+    root = Path(tempfile.mkdtemp(prefix=BENCH_PREFIX))
+    d = Daemon(root / "dev", cgroup_prefix=BENCH_PREFIX, **kw)
+    try:
+        yield d.start()
+    except BaseException:
+        print(f"agentd's stderr (tail):\n{d.stderr()}", file=sys.stderr)
+        raise
+    finally:
+        d.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def add_smoke_flag(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--smoke", action="store_true",
+                    help="one repetition at the smallest size: checks that the benchmark "
+                         "runs, measures nothing (JSON to results/smoke/)")
 
 
 def tree_script(n: int, escaped_every: int = 10) -> str:
@@ -73,7 +109,7 @@ class Scratch:
     def __init__(self) -> None:
         from daemon.cgroups.layout import discover
 
-        self.base = discover().unified / f"agentd-bench-{uuid.uuid4().hex[:8]}"
+        self.base = discover().unified / f"{BENCH_PREFIX}{uuid.uuid4().hex[:8]}"
         self.base.mkdir()
         self._procs: list[subprocess.Popen[bytes]] = []
 
@@ -106,6 +142,13 @@ class Scratch:
         self.cleanup()
         self.base.rmdir()
 
+    def __enter__(self) -> Scratch:
+        return self
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
 
 def summary(xs: list[float]) -> dict[str, float]:
     """median, p99 (nearest rank), max and count."""
@@ -116,8 +159,10 @@ def summary(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(s), "p99": p99, "max": s[-1], "n": len(s)}
 
 
-def write_json(name: str, rows: list[dict[str, Any]], out: Path | None = None) -> Path:
-    path = out or RESULTS / f"{name}.json"
+def write_json(name: str, rows: list[dict[str, Any]], out: Path | None = None, *,
+               smoke: bool = False) -> Path:
+    """Write rows to out [default: results/NAME.json, or results/smoke/NAME.json]."""
+    path = out or (SMOKE_RESULTS if smoke else RESULTS) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": name, "host": os.uname().nodename,
                                 "kernel": os.uname().release, "rows": rows}, indent=2))

@@ -19,19 +19,19 @@ benchmarks/results/launch_latency.json. Needs root. Never asserts a time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import shutil
+import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import cell, need_root, print_head, summary, write_json
+from common import add_smoke_flag, cell, dev_daemon, need_root, print_head, summary, write_json
 
 from daemon.sandbox import bwrap, seccomp
 from daemon.sandbox.policy import Profile
-from tests.harness import AGENT_PYTHON, Daemon
+from tests.harness import AGENT_PYTHON, Daemon, alive
 
 PROGRAM = [AGENT_PYTHON, "-S", "-c",
            "import time, sys\n"
@@ -72,10 +72,50 @@ def _run_direct(argv: list[str], *, as_agent: bool, fds: tuple[int, ...] = ()) -
                                if as_agent else {}))
     assert proc.stdout is not None
     line = proc.stdout.readline()
+    # bwrap's outer process forks the sandbox's init (pid 1 of its PID
+    # namespace), which outlives a kill of the outer one (no
+    # --die-with-parent: see daemon/sandbox/bwrap.py; agentd kills the whole
+    # cgroup instead). Killing that init ends every process in the namespace
+    # (pid_namespaces(7)); children first, before they are reparented.
+    for pid in _children(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.kill()
     proc.wait()
     proc.stdout.close()
     return (float(line) - t0) * 1e3
+
+
+def _children(ppid: int) -> list[int]:
+    """Pids whose parent is ppid, from /proc/PID/stat."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rindex(")") + 2 :].split()[1] == str(ppid):
+            out.append(int(entry.name))
+    return out
+
+
+def _strays(timeout: float = 5.0) -> list[int]:
+    """Live processes still running as BENCH_UID after waiting up to timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and entry.stat().st_uid == BENCH_UID and alive(
+                        int(entry.name)):
+                    left.append(int(entry.name))
+            except OSError:
+                continue
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
 
 
 def bench_bwrap() -> float:
@@ -96,24 +136,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--out", type=Path)
+    add_smoke_flag(ap)
     a = ap.parse_args()
+    if a.smoke:
+        a.reps = 1
     need_root("launch_latency")
     problem = bwrap.available()
     if problem:
         raise SystemExit(f"launch_latency: {problem}")
-    root = Path(tempfile.mkdtemp(prefix="agentd-bench-"))
-    d = Daemon(root / "dev").start()
     agentd_first, agentd_rpc, bw, bare = [], [], [], []
-    try:
+    with dev_daemon() as d:
         for i in range(a.reps):
             first, rpc = bench_agentd(d, i)
             agentd_first.append(first)
             agentd_rpc.append(rpc)
             bw.append(bench_bwrap())
             bare.append(bench_popen())
-    finally:
-        d.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    if left := _strays():
+        raise SystemExit(f"launch_latency: processes of uid {BENCH_UID} left behind: {left}")
     rows: list[dict[str, Any]] = [
         {"what": "agentd Run -> agent's first instruction", "ms": summary(agentd_first)},
         {"what": "agentd Run RPC round trip (incl. checks)", "ms": summary(agentd_rpc)},
@@ -124,7 +164,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['what']:<46} | {cell(r, 'ms')}")
     print(f"\n{a.reps} launches each; the program is python3 -S printing CLOCK_MONOTONIC")
-    print(f"wrote {write_json('launch_latency', rows, a.out)}")
+    print(f"wrote {write_json('launch_latency', rows, a.out, smoke=a.smoke)}")
 
 
 if __name__ == "__main__":

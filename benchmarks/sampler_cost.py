@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import cell, need_root, print_head, summary, write_json
+from common import add_smoke_flag, cell, need_root, print_head, summary, write_json
 
+from tests.harness import BENCH_PREFIX
 from tests.scratch_agents import ScratchAgents
 
 # (agents, children per agent)
@@ -41,7 +42,7 @@ time.sleep(1000)
 
 
 def bench(n: int, children: int, sweeps: int, port: int, out: Path) -> dict[str, Any]:
-    scratch = ScratchAgents()
+    scratch = ScratchAgents(prefix=BENCH_PREFIX)
     try:
         agents = [scratch.spawn([sys.executable, "-c", _AGENT, str(port), str(out / f"f{i}"),
                                  str(children)], name=f"b{i}") for i in range(n)]
@@ -71,7 +72,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sweeps", type=int, default=SWEEPS)
     ap.add_argument("--out", type=Path)
+    add_smoke_flag(ap)
     a = ap.parse_args()
+    cases = CASES[:1] if a.smoke else CASES
+    if a.smoke:
+        a.sweeps = 1
     need_root("sampler_cost")
     outside = Path(tempfile.mkdtemp(prefix="agentd-bench-", dir="/run"))
     rows = []
@@ -80,7 +85,7 @@ def main() -> None:
             listener.bind(("127.0.0.1", 0))
             listener.listen(1024)
             port = listener.getsockname()[1]
-            for n, children in CASES:
+            for n, children in cases:
                 rows.append(bench(n, children, a.sweeps, port, outside))
     finally:
         shutil.rmtree(outside, ignore_errors=True)
@@ -93,7 +98,7 @@ def main() -> None:
               f"{cell(r, 'sweep_ms', 'p99', 6, 1):>16} ms | {per:>6.0f} us | "
               f"{r['connections_seen']}, {r['files_seen']}")
     print("\none sweep = Sampler.sweep() over every agent, as the daemon runs it each period")
-    print(f"wrote {write_json('sampler_cost', rows, a.out)}")
+    print(f"wrote {write_json('sampler_cost', rows, a.out, smoke=a.smoke)}")
 
 
 if __name__ == "__main__":

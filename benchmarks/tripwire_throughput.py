@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from agentd.v1 import agentd_pb2
-from common import need_root, summary, write_json
+from common import add_smoke_flag, dev_daemon, need_root, summary, write_json
 
 from tests.harness import AGENT_PYTHON, HOSTILE_PARENT, Daemon, wait_for
 
@@ -147,12 +147,10 @@ def _cpu_s(pid: int) -> float:
 
 
 class Bench:
-    """One daemon with one rule set, and the writer agent's program."""
+    """One daemon (started with one rule set) and the writer agent's program."""
 
-    def __init__(self, root: Path, prog: Path, spec: str) -> None:
-        rules = root / "rules.toml"
-        rules.write_text(_rules_text(spec))
-        self.d = Daemon(root / "dev", config=f'rules_file = "{rules}"\n').start()
+    def __init__(self, d: Daemon, prog: Path) -> None:
+        self.d = d
         self.prog = prog
         self.n = 0
 
@@ -172,9 +170,6 @@ class Bench:
     def records(self, agent_id: str) -> list[dict[str, Any]]:
         return [r for r in self.d.audit_records()
                 if r["event"] == "tripwire" and r.get("agent_id") == agent_id]
-
-    def stop(self) -> None:
-        self.d.stop()
 
 
 def throughput(b: Bench, rate: float, duration: float) -> dict[str, Any]:
@@ -233,7 +228,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="length of each run [5]")
     ap.add_argument("--reps", type=int, default=5, help="kill and freeze repetitions [5]")
     ap.add_argument("--out", type=Path, help="JSON output [default: results/...]")
+    add_smoke_flag(ap)
     a = ap.parse_args()
+    if a.smoke:
+        a.seconds, a.reps = 1.0, 1
     need_root("tripwire_throughput")
     work = Path(tempfile.mkdtemp(prefix="agentd-bench-"))
     # Where agents' sandboxes can read it (their /tmp is their own).
@@ -246,10 +244,10 @@ def main() -> None:
     actions: list[dict[str, Any]] = []
     try:
         for label, spec in CONFIGS.items():
-            root = work / label.replace(" ", "_").replace("+", "")
-            root.mkdir()
-            b = Bench(root, prog, spec)
-            try:
+            rules = work / (label.replace(" ", "_").replace("+", "") + ".toml")
+            rules.write_text(_rules_text(spec))
+            with dev_daemon(config=f'rules_file = "{rules}"\n') as d:
+                b = Bench(d, prog)
                 for rate in (a.rate, 0.0):
                     row = throughput(b, rate, a.seconds)
                     row["rules"] = label
@@ -260,13 +258,12 @@ def main() -> None:
                 if spec == "builtin sentinels":
                     for mode in ("kill", "freeze"):
                         actions.append(action_delay(b, mode, a.reps, a.rate))
-            finally:
-                b.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(progdir, ignore_errors=True)
     print_tables(rows, actions)
-    print(f"\nwrote {write_json('tripwire_throughput', rows + actions, a.out)}")
+    path = write_json("tripwire_throughput", rows + actions, a.out, smoke=a.smoke)
+    print(f"\nwrote {path}")
 
 
 def _ms(s: dict[str, float]) -> str:

@@ -31,6 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 # private to each sandbox.
 AGENT_PYTHON = "/usr/bin/python3"
 CGROUP_PREFIX = "agentd-test-"
+# Benchmarks' daemons and cgroups: apart from the tests', so a benchmark run
+# beside the suite never shows up in its leak check (and has its own).
+BENCH_PREFIX = "agentd-bench-"
 HOSTILE_MARK = "agentd-hostile-"
 HOSTILE_PARENT = "/srv"
 # Every agent runs in a bwrap sandbox: bwrap's outer process (the agent's main
@@ -73,12 +76,13 @@ class Daemon:
     """One agentd --dev process with its own directory and cgroup subtree."""
 
     def __init__(self, root: Path, *, mode: str = "auto", extra: list[str] | None = None,
-                 keys: Keys | None = None, config: str = "") -> None:
+                 keys: Keys | None = None, config: str = "",
+                 cgroup_prefix: str = CGROUP_PREFIX) -> None:
         self.dir = root
         self.mode = mode
         self.extra = extra or []
         self.keys = keys or Keys()
-        self.cgroup_name = CGROUP_PREFIX + uuid.uuid4().hex[:10]
+        self.cgroup_name = cgroup_prefix + uuid.uuid4().hex[:10]
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel: grpc.Channel | None = None
         self.stub: agentd_pb2_grpc.AgentdStub
@@ -294,8 +298,8 @@ def wait_for(cond: object, timeout: float = 10.0, interval: float = 0.02) -> boo
     return bool(cond())  # type: ignore[operator]
 
 
-def leaked_processes() -> list[str]:
-    """Processes in a test cgroup subtree or running a hostile program."""
+def leaked_processes(prefix: str = CGROUP_PREFIX, mark: str | None = HOSTILE_MARK) -> list[str]:
+    """Processes in a cgroup subtree named prefix* or (mark set) running a hostile program."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -308,22 +312,22 @@ def leaked_processes() -> list[str]:
             continue
         if not alive(pid):
             continue
-        if (f"/{CGROUP_PREFIX}" in cg and not cg.endswith("/supervisor")) or (
-            HOSTILE_MARK in cmdline and "pytest" not in cmdline
+        if (f"/{prefix}" in cg and not cg.endswith("/supervisor")) or (
+            mark is not None and mark in cmdline and "pytest" not in cmdline
         ):
             out.append(f"pid {pid} cgroup {cg} cmd {cmdline[:120]}")
     return out
 
 
-def leaked_cgroups() -> list[str]:
-    """Test cgroup directories left in any hierarchy."""
+def leaked_cgroups(prefix: str = CGROUP_PREFIX) -> list[str]:
+    """Cgroup directories named prefix* (the tests' by default) left in any hierarchy."""
     out = []
     for mount in Path("/sys/fs/cgroup").iterdir():
         if not mount.is_dir():
             continue
         try:
             found = subprocess.run(
-                ["find", str(mount), "-maxdepth", "6", "-type", "d", "-name", CGROUP_PREFIX + "*"],
+                ["find", str(mount), "-maxdepth", "6", "-type", "d", "-name", prefix + "*"],
                 capture_output=True, text=True, timeout=30,
             ).stdout.split()
         except subprocess.TimeoutExpired:

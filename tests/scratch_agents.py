@@ -45,8 +45,8 @@ class ScratchAgent:
 class ScratchAgents:
     """A test cgroup subtree, its agents, and running() for a Sampler."""
 
-    def __init__(self) -> None:
-        self.tree = AgentTree(discover(), CGROUP_PREFIX + "sampler-" + uuid.uuid4().hex[:8])
+    def __init__(self, prefix: str = CGROUP_PREFIX) -> None:
+        self.tree = AgentTree(discover(), prefix + "sampler-" + uuid.uuid4().hex[:8])
         # Not tree.prepare(): that may move this very process into a leaf.
         fs.mkdir(self.tree.base_v2)
         for path in self.tree.base_v1.values():
