@@ -114,6 +114,16 @@ class TrustStoreError(FailedPrecondition):
     reason = "trust_store_invalid"
 
 
+class EstopDuringLaunch(FailedPrecondition):
+    """An emergency stop latched while the agent was starting; the agent was killed."""
+
+    reason = "estop_during_launch"
+
+    def __init__(self, message: str, agent_id: str) -> None:
+        super().__init__(message)
+        self.agent_id = agent_id
+
+
 class ControllerUnavailable(FailedPrecondition):
     reason = "controller_unavailable"
 

@@ -18,16 +18,21 @@ from agentd.v1 import agentd_pb2
 from systemd.daemon import notify as sd_notify
 
 from daemon import __version__, children, config, hostid, journal, metrics
-from daemon.api.server import serve, timestamp
+from daemon.api.lanes import Lanes
+from daemon.api.server import ApiServer, prepare_socket_dir
+from daemon.api.servicer import Servicer, timestamp
 from daemon.audit import AuditLog
 from daemon.auth import Limits, ReplayCache, TrustStoreFile
 from daemon.cgroups.layout import discover
 from daemon.cgroups.tree import FALLBACK_METHOD, KILL_METHOD, AgentTree
+from daemon.commands.context import Ctx
+from daemon.commands.gate import CommandGate
+from daemon.commands.recorder import Recorder
+from daemon.commands.rejections import Rejections
 from daemon.errors import AgentdError, ConfigError
 from daemon.events import EventBus
 from daemon.monitor import rules as tripwire_rules
 from daemon.supervisor.core import Supervisor
-from daemon.supervisor.gate import CommandGate
 from daemon.supervisor.guardian_link import Guardian, import_reports
 
 log = logging.getLogger("agentd")
@@ -128,16 +133,24 @@ def run(cfg: config.Config) -> int:
         max_lifetime_s=cfg.max_command_lifetime_s,
         clock_skew_s=cfg.clock_skew_s,
     )
+    # After a lost cache, refuse what is not a stop until no command signed
+    # before the loss can still be valid: one issued at now + skew (the
+    # future edge verify() accepts) is valid until lifetime + 2 x skew from
+    # now (RFC 4120 section 3.2.3's rule, with the skew on both ends).
     replay = ReplayCache.open(
         cfg.replay_path, now=time.time(),
-        window_s=cfg.max_command_lifetime_s + cfg.clock_skew_s, fresh=created,
+        window_s=cfg.max_command_lifetime_s + 2 * cfg.clock_skew_s, fresh=created,
     )
     trust = TrustStoreFile(cfg.trust_store)
     layout = discover(cfg.cgroup_mode)
     tree = AgentTree(layout, cfg.cgroup_name, force_fallback=cfg.force_kill_fallback)
-    gate = CommandGate(trust=trust, replay=replay, audit=audit, host_id=host_id, limits=limits)
+    recorder = Recorder(audit, replay, Rejections())
+    gate = CommandGate(trust=trust, replay=replay, recorder=recorder, host_id=host_id,
+                       limits=limits)
     rules = tripwire_rules.for_config(cfg.rules_file)
-    sup = Supervisor(cfg, tree, gate, audit, rules=rules)
+    sup = Supervisor(cfg, tree, audit, rules=rules)
+    recorder.retry(sup.latch.retry)
+    recorder.start()
     meters.attach(sup)
     leftovers = sup.start()
     # Reports a guardian left when it killed agents of an earlier run.
@@ -178,7 +191,14 @@ def run(cfg: config.Config) -> int:
         cgroup_base=str(tree.base_v2), leftover_agents_killed=leftovers,
         replay_degraded_until=replay.degraded_until, guardian_imported_reports=imported,
     )
-    server = serve(sup, info, cfg.socket_path, cfg.socket_group, events=events)
+    lanes = Lanes(recorder)
+    servicer = Servicer(Ctx(sup, gate, recorder, cfg), lanes, info, events=events)
+    server = ApiServer(servicer, lanes, socket_path=cfg.socket_path,
+                       gid=prepare_socket_dir(cfg.socket_path, cfg.socket_group),
+                       last_tick=lambda: sup.enforcer.last_tick, on_stop=events.close)
+    server.start()
+    # Heartbeats only while a kill would be served now (daemon.api.standard).
+    sup.enforcer.add_liveness("API self-probe", server.probe.fresh)
     metrics_server = metrics.serve(meters, cfg)
     stop = threading.Event()
 
@@ -206,10 +226,13 @@ def run(cfg: config.Config) -> int:
     _notify("STOPPING=1\nSTATUS=killing agents and shutting down")
     server.stop(grace=1.0).wait(2.0)
     killed = sup.shutdown()
+    lanes.close()
     if guardian is not None:
         # Only now: the agents are dead, so the guardian may stand down.
         guardian.quit()
     audit.append("daemon_stop", pid=os.getpid(), agents_killed=killed)
+    # Last records: refusals still queued or counted, whatever waits for the disk.
+    recorder.stop()
     if metrics_server is not None:
         # Last: a scraper mid-request must not delay the agents' kills.
         metrics_server.stop()

@@ -112,6 +112,11 @@ class Metrics:
             self._kill_method = str(rec.get("kill_method") or "unknown")
         elif event == "command" and rec.get("decision") == "rejected":
             self.rejected.labels(str(rec.get("error_reason") or "unknown")).inc()
+        elif event == "commands_rejected_summary":
+            # Refusals past the audit's rate, counted (daemon.commands.rejections).
+            for entry in rec.get("by") or []:
+                self.rejected.labels(str(entry.get("reason") or "unknown")).inc(
+                    int(entry.get("count") or 0))
         elif event == "result":
             action = rec.get("action")
             if action in ("stop", "kill") and not rec.get("already_ended"):

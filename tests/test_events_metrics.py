@@ -31,7 +31,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentctl.cli import cli
-from daemon.api.server import MAX_EVENT_STREAMS
+from daemon.api.servicer import MAX_EVENT_STREAMS
 from tests.conftest import ROOT_REASON
 from tests.harness import REPO, Daemon, wait_for
 

@@ -14,9 +14,10 @@ other read-only calls.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -128,8 +129,29 @@ def stream(agent: Agent, *, tail_bytes: int, follow: bool,
 
     Following ends once the agent has ended and nothing more arrives, or
     active() turns false (the client went away). Raises FailedPrecondition
-    if a log file exists but cannot be read.
+    if a log file exists but cannot be read. Sleeps between polls: for a
+    thread; the API uses astream().
     """
+    for chunk in _chunks(agent, tail_bytes=tail_bytes, follow=follow, active=active):
+        if chunk is None:
+            time.sleep(poll_s)
+        else:
+            yield chunk
+
+
+async def astream(agent: Agent, *, tail_bytes: int, follow: bool,
+                  active: Callable[[], bool], poll_s: float = POLL_S) -> AsyncIterator[Chunk]:
+    """stream(), waiting between polls without a thread (the API's asyncio loop)."""
+    for chunk in _chunks(agent, tail_bytes=tail_bytes, follow=follow, active=active):
+        if chunk is None:
+            await asyncio.sleep(poll_s)
+        else:
+            yield chunk
+
+
+def _chunks(agent: Agent, *, tail_bytes: int, follow: bool,
+            active: Callable[[], bool]) -> Iterator[Chunk | None]:
+    """The chunks of stream(), and None where it waits one poll for more."""
     n = tail_bytes or DEFAULT_TAIL
     followers = [_Follower("stdout", agent.stdout_log), _Follower("stderr", agent.stderr_log)]
     try:
@@ -150,7 +172,7 @@ def stream(agent: Agent, *, tail_bytes: int, follow: bool,
                 idle = 0 if got else idle + 1
                 if idle >= _IDLE_POLLS_AFTER_END:
                     return
-            time.sleep(poll_s)
+            yield None
     finally:
         for f in followers:
             f.close()

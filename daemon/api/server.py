@@ -1,234 +1,50 @@
-"""The gRPC servicer and the control socket.
+"""The control socket: a grpc.aio server on a thread and an asyncio loop of its own.
 
-Errors are mapped to gRPC statuses here and only here. A handler never lets
-an exception escape: the daemon must never crash on input.
+What a client can hold, and for how long (issue 10, FIELD-NOTES "Serving the API"):
+
+* a call whose request never arrives: RECEIVE_DEADLINE_S, then it is ended.
+  Unary RPCs are served as client-streaming ones (the same bytes on the wire)
+  so that the handler runs when the call's headers arrive and can put a
+  deadline on the request message itself;
+* streams on one connection: MAX_STREAMS_PER_CONNECTION;
+* connections: at most MAX_CONNECTIONS (and never more than a tenth of the
+  daemon's file-descriptor limit: agents' pidfds, pipes and cgroup files must
+  always find a descriptor); a connection with no call for IDLE_MS is closed;
+* a stop's grace period, a follower that does not read: a coroutine each,
+  no thread (daemon.api.lanes).
 """
 
 from __future__ import annotations
 
+import asyncio
 import grp
 import logging
 import os
+import resource
 import threading
-import time
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 import grpc
-from agentd.v1 import agentd_pb2, agentd_pb2_grpc
-from google.protobuf.timestamp_pb2 import Timestamp
+from agentd.v1 import agentd_pb2
 
-from daemon.api import convert, logs, standard
-from daemon.errors import AgentdError, InvalidArgument
-from daemon.events import RING_SIZE, Event, EventBus
-from daemon.supervisor.agent import Agent
-from daemon.supervisor.core import Supervisor
+from daemon.api import standard
+from daemon.api.lanes import Lanes
+from daemon.api.servicer import Context, Servicer
+from daemon.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # gRPC's own limit sits well above the daemon's envelope limit, so an
 # oversized envelope reaches the verifier and gets a clear, audited refusal;
 # only absurd sizes are cut off by gRPC itself.
 GRPC_MAX_MESSAGE = 4 * 1024 * 1024
-# An Events stream holds a worker of the pool for its whole life; this many
-# at most, well under the pool's 64, so followers never starve a Kill.
-MAX_EVENT_STREAMS = 16
-# Log followers, likewise (agentctl logs -f); a tail alone is quick and not counted.
-MAX_LOG_FOLLOWERS = 16
-# How often a follower with nothing to send checks that its client is still there.
-EVENTS_POLL_S = 0.5
+RECEIVE_DEADLINE_S = 5.0
+MAX_STREAMS_PER_CONNECTION = 100
+MAX_CONNECTIONS = 256
+IDLE_MS = 60_000
 AGENTD_SERVICE = agentd_pb2.DESCRIPTOR.services_by_name["Agentd"].full_name
-
-
-class Servicer(agentd_pb2_grpc.AgentdServicer):
-    def __init__(self, sup: Supervisor, info: Callable[[], agentd_pb2.InfoResponse], *,
-                 events: EventBus, max_event_streams: int = MAX_EVENT_STREAMS) -> None:
-        self.sup = sup
-        self._info = info
-        self._events = events
-        self._event_slots = threading.BoundedSemaphore(max_event_streams)
-        self._max_event_streams = max_event_streams
-        self._log_slots = threading.BoundedSemaphore(MAX_LOG_FOLLOWERS)
-
-    def _agent(self, a: Agent) -> agentd_pb2.Agent:
-        return convert.agent(a, self.sup.enforcer.remaining(a, "lease"))
-
-    def _call(self, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
-        try:
-            return fn()
-        except AgentdError as err:
-            context.abort(err.code, err.message)
-        except Exception:
-            log.exception("internal error")
-            context.abort(grpc.StatusCode.INTERNAL, "internal error in agentd; see its log")
-        raise AssertionError("unreachable")  # context.abort raises
-
-    def Info(
-        self, request: agentd_pb2.InfoRequest, context: grpc.ServicerContext
-    ) -> agentd_pb2.InfoResponse:
-        return self._call(context, self._info)
-
-    def ListAgents(
-        self, request: agentd_pb2.ListAgentsRequest, context: grpc.ServicerContext
-    ) -> agentd_pb2.ListAgentsResponse:
-        return self._call(
-            context,
-            lambda: agentd_pb2.ListAgentsResponse(
-                agents=[self._agent(a) for a in self.sup.agents()]
-            ),
-        )
-
-    def GetAgent(
-        self, request: agentd_pb2.GetAgentRequest, context: grpc.ServicerContext
-    ) -> agentd_pb2.Agent:
-        return self._call(context, lambda: self._agent(self.sup.get(request.name)))
-
-    def Run(self, request: agentd_pb2.Envelope, context: grpc.ServicerContext) -> agentd_pb2.Agent:
-        return self._call(context, lambda: self._agent(self.sup.run(request)))
-
-    def Stop(
-        self, request: agentd_pb2.Envelope, context: grpc.ServicerContext
-    ) -> agentd_pb2.KillResult:
-        def go() -> agentd_pb2.KillResult:
-            r = self.sup.stop(request)
-            return convert.kill_result(r.agent, r.outcome)
-
-        return self._call(context, go)
-
-    def Kill(
-        self, request: agentd_pb2.Envelope, context: grpc.ServicerContext
-    ) -> agentd_pb2.KillResult:
-        def go() -> agentd_pb2.KillResult:
-            r = self.sup.kill(request)
-            return convert.kill_result(r.agent, r.outcome)
-
-        return self._call(context, go)
-
-    def Freeze(
-        self, request: agentd_pb2.Envelope, context: grpc.ServicerContext
-    ) -> agentd_pb2.Agent:
-        return self._call(context, lambda: self._agent(self.sup.freeze(request, frozen=True)))
-
-    def Thaw(
-        self, request: agentd_pb2.Envelope, context: grpc.ServicerContext
-    ) -> agentd_pb2.Agent:
-        return self._call(context, lambda: self._agent(self.sup.freeze(request, frozen=False)))
-
-    def Renew(
-        self, request: agentd_pb2.Envelope, context: grpc.ServicerContext
-    ) -> agentd_pb2.LeaseResult:
-        def go() -> agentd_pb2.LeaseResult:
-            r = self.sup.renew(request)
-            return agentd_pb2.LeaseResult(
-                name=r.agent.name, id=r.agent.id, ttl_ms=r.ttl_ms,
-                remaining_ms=r.remaining_s * 1e3,
-                expires_at=timestamp(time.time() + r.remaining_s),
-            )
-
-        return self._call(context, go)
-
-    def Estop(
-        self, request: agentd_pb2.Envelope, context: grpc.ServicerContext
-    ) -> agentd_pb2.EstopResult:
-        def go() -> agentd_pb2.EstopResult:
-            r = self.sup.estop(request)
-            agents = [convert.kill_result(x.agent, x.outcome) for x in r.results]
-            return agentd_pb2.EstopResult(
-                agents_killed=len(agents),
-                processes_killed=sum(a.processes_killed for a in agents),
-                duration_ms=r.duration_ms,
-                all_verified_empty=all(a.verified_empty for a in agents),
-                agents=agents,
-                latched=self.sup.latch.latched,
-            )
-
-        return self._call(context, go)
-
-    def Reset(
-        self, request: agentd_pb2.Envelope, context: grpc.ServicerContext
-    ) -> agentd_pb2.ResetResult:
-        def go() -> agentd_pb2.ResetResult:
-            principals = self.sup.reset(request)
-            return agentd_pb2.ResetResult(latched=self.sup.latch.latched,
-                                          principals=list(principals))
-
-        return self._call(context, go)
-
-    def Events(
-        self, request: agentd_pb2.EventsRequest, context: grpc.ServicerContext
-    ) -> Iterator[agentd_pb2.Event]:
-        """The backlog asked for, then (follow) new events until the client goes away.
-
-        A stream holds a worker for its whole life, so at most
-        max_event_streams run at once and the rest are refused at once
-        (RESOURCE_EXHAUSTED), never queued: followers must never take the
-        workers a Kill needs.
-        """
-        if not self._event_slots.acquire(blocking=False):
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"agentd serves at most {self._max_event_streams} event streams at once and "
-                "all are in use; end a follower (agentctl events -f) or try again later")
-        try:
-            backlog = min(request.backlog, RING_SIZE)
-            with self._events.subscribe(backlog, request.agent or None,
-                                        follow=request.follow) as sub:
-                # Wake the wait as soon as the client goes away, not at the next poll.
-                context.add_callback(sub.close)
-                while context.is_active():
-                    event = sub.next(timeout=EVENTS_POLL_S)
-                    if event is not None:
-                        yield _event_message(event)
-                    elif sub.closed:
-                        return  # backlog only, or the daemon is stopping
-        except Exception:
-            log.exception("internal error in an event stream")
-            context.abort(grpc.StatusCode.INTERNAL, "internal error in agentd; see its log")
-        finally:
-            self._event_slots.release()
-
-    def Logs(
-        self, request: agentd_pb2.LogsRequest, context: grpc.ServicerContext
-    ) -> Iterator[agentd_pb2.LogChunk]:
-        """The tail of the agent's stdout and stderr, then (follow) new output until it ends.
-
-        Like event streams, at most MAX_LOG_FOLLOWERS follow at once; the
-        others are refused at once (RESOURCE_EXHAUSTED), never queued.
-        """
-        agent = self._call(context, lambda: self.sup.get(request.name))
-        if request.follow and not self._log_slots.acquire(blocking=False):
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"agentd follows at most {MAX_LOG_FOLLOWERS} logs at once and all are in use; "
-                "end a follower (agentctl logs -f) or try again later")
-        try:
-            for name, data in logs.stream(agent, tail_bytes=request.tail_bytes,
-                                          follow=request.follow, active=context.is_active):
-                yield agentd_pb2.LogChunk(stream=name, data=data)
-        except AgentdError as err:
-            context.abort(err.code, err.message)
-        except Exception:
-            log.exception("internal error in a log stream")
-            context.abort(grpc.StatusCode.INTERNAL, "internal error in agentd; see its log")
-        finally:
-            if request.follow:
-                self._log_slots.release()
-
-
-def _event_message(e: Event) -> agentd_pb2.Event:
-    return agentd_pb2.Event(
-        seq=e.seq, at=timestamp(e.at), kind=e.kind, type=e.type, agent=e.agent,
-        agent_id=e.agent_id, message=e.message, fields_json=e.fields_json,
-    )
-
-
-def timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
 
 
 def prepare_socket_dir(socket_path: Path, group_name: str) -> int | None:
@@ -254,66 +70,152 @@ def prepare_socket_dir(socket_path: Path, group_name: str) -> int | None:
     return gid
 
 
-def serve(
-    sup: Supervisor,
-    info: Callable[[], agentd_pb2.InfoResponse],
-    socket_path: Path,
-    group_name: str,
-    *,
-    events: EventBus,
-    workers: int = 64,
-) -> ApiServer:
-    """Bind the control socket and start serving. The caller waits on the server.
+def max_connections() -> int:
+    """MAX_CONNECTIONS, or a tenth of RLIMIT_NOFILE if that is smaller (at least 16)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, min(MAX_CONNECTIONS, soft // 10))
 
-    Besides agentd's own service: gRPC health checking (SERVING while the
-    enforcement loop ticks) and server reflection.
-    """
-    gid = prepare_socket_dir(socket_path, group_name)
-    server = grpc.server(
-        # Stops wait out their grace period in a worker; a large pool keeps
-        # a kill from queueing behind them.
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agentd-rpc"),
-        options=[
-            ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
-            ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
-        ],
-    )
-    agentd_pb2_grpc.add_AgentdServicer_to_server(Servicer(sup, info, events=events), server)
-    health = standard.HealthWatch([AGENTD_SERVICE], lambda: sup.enforcer.last_tick)
-    health.add_to(server)
-    standard.add_reflection(server, [AGENTD_SERVICE, standard.HEALTH_SERVICE])
-    # umask before bind: the socket is created with the final mode, never
-    # briefly world-accessible.
-    old = os.umask(0o117)
+
+def options() -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
+        ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+        ("grpc.max_allowed_incoming_connections", max_connections()),
+        ("grpc.max_connection_idle_ms", IDLE_MS),
+        # Followers' connections stay open: find dead peers.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+async def _first(requests: AsyncIterator[Any], context: Context) -> Any:
+    """The call's one request message, if it arrives within RECEIVE_DEADLINE_S."""
     try:
-        server.add_insecure_port(f"unix:{socket_path}")
-        server.start()
-    finally:
-        os.umask(old)
-    os.chmod(socket_path, 0o660)
-    if gid is not None:
-        os.chown(socket_path, 0, gid)
-    health.start()
-    return ApiServer(server, health, events)
+        return await asyncio.wait_for(anext(requests), RECEIVE_DEADLINE_S)
+    except TimeoutError:
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"the request did not arrive within {RECEIVE_DEADLINE_S:g} s")
+    except StopAsyncIteration:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request")
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+def _unary(fn: Callable[..., Any]) -> Callable[..., Any]:
+    async def behaviour(requests: AsyncIterator[Any], context: Context) -> Any:
+        return await fn(await _first(requests, context), context)
+    return behaviour
+
+
+def _streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def behaviour(requests: AsyncIterator[Any],
+                        context: Context) -> AsyncIterator[Any]:
+        async for item in fn(await _first(requests, context), context):
+            yield item
+    return behaviour
+
+
+def _handlers(servicer: Servicer) -> grpc.GenericRpcHandler[Any, Any]:
+    """Every Agentd method, with a deadline on its request (see the module doc)."""
+    service = agentd_pb2.DESCRIPTOR.services_by_name["Agentd"]
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for m in service.methods:
+        fn = getattr(servicer, m.name)
+        req = agentd_pb2.DESCRIPTOR.message_types_by_name.get(m.input_type.name)
+        resp = agentd_pb2.DESCRIPTOR.message_types_by_name.get(m.output_type.name)
+        assert req is not None and resp is not None, m.full_name
+        req_cls = getattr(agentd_pb2, req.name)
+        resp_cls = getattr(agentd_pb2, resp.name)
+        if m.server_streaming:
+            handlers[m.name] = grpc.stream_stream_rpc_method_handler(
+                _streaming(fn), request_deserializer=req_cls.FromString,
+                response_serializer=resp_cls.SerializeToString)
+        else:
+            handlers[m.name] = grpc.stream_unary_rpc_method_handler(
+                _unary(fn), request_deserializer=req_cls.FromString,
+                response_serializer=resp_cls.SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 class ApiServer:
-    """The running gRPC server, and what stops with it."""
+    """The running server: its thread, loop, health and lanes."""
 
-    def __init__(self, server: grpc.Server, health: standard.HealthWatch,
-                 events: EventBus) -> None:
-        """Made by :func:`serve`."""
-        self.server = server
-        self._health = health
-        self._events = events
+    def __init__(self, servicer: Servicer, lanes: Lanes, *, socket_path: Path, gid: int | None,
+                 last_tick: Callable[[], float], on_stop: Callable[[], None]) -> None:
+        self._servicer = servicer
+        self.lanes = lanes
+        self._socket = socket_path
+        self._gid = gid
+        self._last_tick = last_tick
+        self._on_stop = on_stop
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="agentd-api", daemon=True)
+        self._started = threading.Event()
+        self._stopped = threading.Event()
+        self._error: BaseException | None = None
+        self._stop_grace: asyncio.Future[float | None] | None = None
+        self.probe = standard.SelfProbe(socket_path, AGENTD_SERVICE)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise self._error
+        self.probe.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._serve())
+        except BaseException as err:  # reported to start() or logged
+            if not self._started.is_set():
+                self._error = err
+            else:
+                log.exception("the API loop ended")
+        finally:
+            self._started.set()
+            self._loop.close()
+            self._stopped.set()
+
+    async def _serve(self) -> None:
+        self._stop_grace = self._loop.create_future()
+        server = grpc.aio.server(options=options())
+        server.add_generic_rpc_handlers((_handlers(self._servicer),))
+        health = standard.Health(self.lanes, [AGENTD_SERVICE], self._last_tick)
+        health.add_to(server)
+        standard.add_reflection(server, [AGENTD_SERVICE, standard.HEALTH_SERVICE])
+        # umask before bind: the socket is created with the final mode, never
+        # briefly world-accessible.
+        old = os.umask(0o117)
+        try:
+            server.add_insecure_port(f"unix:{self._socket}")
+        finally:
+            os.umask(old)
+        await server.start()
+        os.chmod(self._socket, 0o660)
+        if self._gid is not None:
+            os.chown(self._socket, 0, self._gid)
+        await health.start()
+        self._started.set()
+        grace = await self._stop_grace
+        await health.stop()
+        self._on_stop()  # event streams end cleanly before the grace period
+        await server.stop(grace)
 
     def stop(self, grace: float | None) -> threading.Event:
-        """Stop serving, as grpc.Server.stop; the returned event is set once stopped.
+        """Stop serving; the returned event is set once stopped.
 
-        First health turns NOT_SERVING and event streams end cleanly, so
-        followers do not hold the grace period (and the agents' shutdown
-        kills after it) for its whole length.
+        First health turns NOT_SERVING and event streams end, so followers
+        do not hold the grace period (and the agents' shutdown kills after
+        it) for its whole length.
         """
-        self._health.stop()
-        self._events.close()
-        return self.server.stop(grace)
+        self.probe.stop()
+
+        def set_grace() -> None:
+            if self._stop_grace is not None and not self._stop_grace.done():
+                self._stop_grace.set_result(grace)
+
+        if not self._stopped.is_set():
+            self._loop.call_soon_threadsafe(set_grace)
+        return self._stopped

@@ -5,6 +5,7 @@ Layering: the API calls this; this calls cgroups, auth and audit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -15,16 +16,14 @@ from agentd.v1 import agentd_pb2
 
 from daemon import children
 from daemon.audit import AuditLog
-from daemon.auth import VerifiedCommand
-from daemon.auth.truststore import Role
 from daemon.cgroups.tree import AgentCgroup, AgentTree, kill_all, wait_all_empty
 from daemon.config import Config
 from daemon.errors import (
+    AgentdError,
     AgentExists,
     AgentNotFound,
     CgroupError,
-    FailedPrecondition,
-    InvalidArgument,
+    EstopDuringLaunch,
     LaunchFailed,
     SandboxNotApplied,
 )
@@ -37,23 +36,20 @@ from daemon.sandbox.policy import Policies
 from daemon.supervisor import killer, launcher, runspec, sandboxing
 from daemon.supervisor.agent import Agent, State
 from daemon.supervisor.enforcer import Enforcer
-from daemon.supervisor.failsafe import EstopResult, Failsafe, RenewResult
+from daemon.supervisor.failsafe import Failsafe
 from daemon.supervisor.freezing import Freezer
-from daemon.supervisor.gate import CommandGate
-from daemon.supervisor.killer import StopResult
 from daemon.supervisor.latch import Latch
 from daemon.supervisor.reactor import LogSink, Reactor
-from daemon.users import DYNAMIC, AgentUser, allocate_dynamic
+from daemon.users import AgentUser, allocate_dynamic
 
 log = logging.getLogger(__name__)
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, tree: AgentTree, gate: CommandGate, audit: AuditLog,
+    def __init__(self, cfg: Config, tree: AgentTree, audit: AuditLog,
                  rules: RuleSet | None = None) -> None:
         self.cfg = cfg
         self.tree = tree
-        self.gate = gate
         self.audit = audit
         self.reactor = Reactor()
         self.failsafe = Failsafe(self)
@@ -187,52 +183,38 @@ class Supervisor:
         return sorted(self._agents.values(), key=lambda a: a.name)
 
     # ----------------------------------------------------------------- run
-    def run(self, envelope: agentd_pb2.Envelope) -> Agent:
-        """Verify, then launch. Raises AgentdError (audited)."""
-        def precheck(vc: VerifiedCommand) -> runspec.RunSpec:
-            self.latch.refuse_run(self.cfg.reset_signatures)
-            # The sandbox policy, escalation and entrypoint pin are judged
-            # here, before the command is admitted: a refused run changes nothing.
-            admin = any(Role.ADMIN in k.roles for k in vc.signers)
-            return runspec.check(vc.command.run, self.cfg, self.tree.layout,
-                                 policies=self.policies, hidden=sandboxing.hidden(self.cfg),
-                                 admin=admin, reason=vc.command.reason)
+    def check_run(self, action: agentd_pb2.RunAction, *, admin: bool,
+                  reason: str) -> runspec.RunSpec:
+        """The run's spec, judged before the command is admitted. Raises AgentdError.
 
-        vc, spec = self.gate.admit(envelope, "run", precheck)
+        The latch, the sandbox policy, the escalation and the entrypoint pin:
+        a refused run changes nothing.
+        """
+        self.latch.refuse_run(self.cfg.reset_signatures)
+        return runspec.check(action, self.cfg, self.tree.layout, policies=self.policies,
+                             hidden=sandboxing.hidden(self.cfg), admin=admin, reason=reason)
+
+    def launch(self, action: agentd_pb2.RunAction, spec: runspec.RunSpec,
+               started_by: str) -> Agent:
+        """Reserve the name and a uid, launch, and check the sandbox. Raises AgentdError.
+
+        An estop that lands while the agent starts kills it here (it was not
+        in the estop's snapshot of running agents): EstopDuringLaunch.
+        """
         named = spec.user  # None: a dynamic user, allocated under the launch lock
-        action = vc.command.run
-        # A run is not the stop path: persist the replay record before acting,
-        # so a crash right after cannot let the same run be replayed.
-        self.gate.replay.persist()
-        profile = spec.profile
-        self.gate.audit_accepted(
-            vc, action.name, argv=list(action.argv), user=named.name if named else DYNAMIC,
-            lease_ms=spec.lease_ms, max_runtime_ms=spec.max_runtime_ms, policy=profile.name,
-            network=profile.network, entrypoint=spec.entrypoint.path,
-            entrypoint_sha256=spec.entrypoint.sha256 or f"unreadable: {spec.entrypoint.error}",
-            **({"escalation": list(spec.looser)} if spec.looser else {}))
         with self._launch_lock:
             current = self._agents.get(action.name)
             if action.name in self._reserved or (current and not current.is_ended):
-                exists = AgentExists(
+                raise AgentExists(
                     f"an agent named {action.name!r} is already running; stop it first "
                     "or pick another name")
-                self.audit_result(vc, ok=False, error=exists.message)
-                raise exists
-            try:
-                user = named or allocate_dynamic(
-                    {a.user.uid for a in self.running()} | self._reserved_uids,
-                    self.cfg.dynamic_uid_min, self.cfg.dynamic_uid_max)
-            except FailedPrecondition as err:
-                self.audit_result(vc, ok=False, error=err.message)
-                raise
+            user = named or allocate_dynamic(
+                {a.user.uid for a in self.running()} | self._reserved_uids,
+                self.cfg.dynamic_uid_min, self.cfg.dynamic_uid_max)
             self._reserved.add(action.name)
             self._reserved_uids.add(user.uid)
         try:
-            agent = self._launch(vc, action, user, spec)
-        except (LaunchFailed, CgroupError) as err:
-            self.audit_result(vc, ok=False, error=err.message)
-            raise
+            agent = self._launch(started_by, action, user, spec)
         finally:
             with self._launch_lock:
                 self._reserved.discard(action.name)
@@ -241,16 +223,12 @@ class Supervisor:
             # An estop landed while this agent was starting, after its
             # snapshot of running agents: this agent must not survive it.
             self.kill_agent(agent, "estop", record=False)
-            late = FailedPrecondition("emergency stop latched while the agent was starting; "
-                                      "it was killed")
-            self.audit_result(vc, ok=False, error=late.message, agent_id=agent.id)
-            raise late
-        self.audit_result(vc, ok=True, name=agent.name, agent_id=agent.id,
-                           main_pid=agent.main_pid, cgroups=agent.cgroup.paths(),
-                           user=user.name, sandbox=_checks_text(agent))
+            raise EstopDuringLaunch(
+                "emergency stop latched while the agent was starting; it was killed",
+                agent_id=agent.id)
         return agent
 
-    def _launch(self, vc: VerifiedCommand, action: agentd_pb2.RunAction, user: AgentUser,
+    def _launch(self, started_by: str, action: agentd_pb2.RunAction, user: AgentUser,
                 spec: runspec.RunSpec) -> Agent:
         agent_id = f"{action.name}-{secrets.token_hex(4)}"
         group = self.tree.agent(agent_id)
@@ -277,25 +255,28 @@ class Supervisor:
             raise
         started = time.monotonic()
         pid = spawned.proc.pid
-        agent = Agent(
-            name=action.name, id=agent_id, argv=list(action.argv), user=user,
-            limits=spec.limits, cgroup=group, started_by=",".join(vc.principals),
-            stdout_log=stdout_log, stderr_log=stderr_log, proc=spawned.proc, main_pid=pid,
-            started_at=launcher.proc_start_time(pid), lease_ttl_ms=spec.lease_ms,
-            max_runtime_ms=spec.max_runtime_ms, helper_pids=frozenset({pid}),
-        )
-        cap = self.cfg.log_cap_bytes
-        self.reactor.watch_output(spawned.stdout_fd,
-                                  LogSink(stdout_log, cap, self.tripwires.tap(agent, "stdout")))
-        self.reactor.watch_output(spawned.stderr_fd,
-                                  LogSink(stderr_log, cap, self.tripwires.tap(agent, "stderr")))
-        if spec.lease_ms:
-            self.enforcer.set(agent, "lease", started + spec.lease_ms / 1000)
-        if spec.max_runtime_ms:
-            self.enforcer.set(agent, "max_runtime", started + spec.max_runtime_ms / 1000)
-        self.reactor.watch_output(prepared.status_r, prepared.sink)
-        pidfd = os.pidfd_open(pid)
-        self.reactor.watch_exit(pidfd, lambda: self._on_main_exit(agent))
+        try:
+            agent = Agent(
+                name=action.name, id=agent_id, argv=list(action.argv), user=user,
+                limits=spec.limits, cgroup=group, started_by=started_by,
+                stdout_log=stdout_log, stderr_log=stderr_log, proc=spawned.proc, main_pid=pid,
+                started_at=launcher.proc_start_time(pid), lease_ttl_ms=spec.lease_ms,
+                max_runtime_ms=spec.max_runtime_ms, helper_pids=frozenset({pid}),
+            )
+            self._watch(agent, spawned, prepared, spec, started)
+        except BaseException as err:
+            # The agent runs, but nothing watches it yet: no kill, lease or
+            # estop could reach it through the registry. Kill its cgroup now.
+            self._discard_cgroup(group)
+            spawned.proc.wait()
+            for fd in (spawned.stdout_fd, spawned.stderr_fd, prepared.status_r):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if isinstance(err, AgentdError):
+                raise
+            reason = err.strerror if isinstance(err, OSError) else repr(err)
+            raise LaunchFailed(f"the agent started but could not be watched ({reason}); "
+                               "it was killed") from err
         try:
             self._check_sandbox(agent, prepared, spec, user)
         finally:
@@ -305,6 +286,29 @@ class Supervisor:
             with self._launch_lock:
                 self._agents[action.name] = agent
         return agent
+
+    def _watch(self, agent: Agent, spawned: launcher.Spawned, prepared: sandboxing.Prepared,
+               spec: runspec.RunSpec, started: float) -> None:
+        """Watch the agent's output and exit, set its deadlines. Raises OSError."""
+        pid = agent.main_pid
+        stdout_log, stderr_log = agent.stdout_log, agent.stderr_log
+        # The pidfd first: it is the one descriptor that can fail here (EMFILE).
+        pidfd = os.pidfd_open(pid)
+        cap = self.cfg.log_cap_bytes
+        try:
+            out = LogSink(stdout_log, cap, self.tripwires.tap(agent, "stdout"))
+            err = LogSink(stderr_log, cap, self.tripwires.tap(agent, "stderr"))
+        except BaseException:
+            os.close(pidfd)
+            raise
+        self.reactor.watch_output(spawned.stdout_fd, out)
+        self.reactor.watch_output(spawned.stderr_fd, err)
+        if spec.lease_ms:
+            self.enforcer.set(agent, "lease", started + spec.lease_ms / 1000)
+        if spec.max_runtime_ms:
+            self.enforcer.set(agent, "max_runtime", started + spec.max_runtime_ms / 1000)
+        self.reactor.watch_output(prepared.status_r, prepared.sink)
+        self.reactor.watch_exit(pidfd, lambda: self._on_main_exit(agent))
 
     def _check_sandbox(self, agent: Agent, prepared: sandboxing.Prepared, spec: runspec.RunSpec,
                        user: AgentUser) -> None:
@@ -374,50 +378,10 @@ class Supervisor:
         )
 
     # ----------------------------------------------------------- stop/kill
-    def kill(self, envelope: agentd_pb2.Envelope) -> StopResult:
-        vc, agent = self.gate.admit(envelope, "kill", lambda vc: self.get(vc.command.kill.name))
-        accepted = time.monotonic()
-        agent.request_end("killed")
-        outcome = killer.kill(agent, accepted_at=accepted,
-                              verify_timeout=self.cfg.kill_verify_timeout_s)
-        self.settle(agent, outcome)
-        self._after_stop(vc, agent, outcome)
-        return StopResult(agent, outcome)
-
-    def stop(self, envelope: agentd_pb2.Envelope) -> StopResult:
-        def precheck(vc: VerifiedCommand) -> tuple[Agent, float]:
-            action = vc.command.stop
-            grace = self.cfg.default_grace_s if not action.HasField("grace_ms") else (
-                action.grace_ms / 1000.0)
-            if grace > self.cfg.max_grace_s:
-                raise InvalidArgument(
-                    f"grace period {grace:g}s exceeds the daemon's maximum of "
-                    f"{self.cfg.max_grace_s:g}s")
-            return self.get(action.name), grace
-
-        vc, (agent, grace) = self.gate.admit(envelope, "stop", precheck)
-        accepted = time.monotonic()
-        agent.request_end("stopped")
-        outcome = killer.stop(agent, accepted_at=accepted, grace=grace,
-                              verify_timeout=self.cfg.kill_verify_timeout_s)
-        self.settle(agent, outcome)
-        self._after_stop(vc, agent, outcome)
-        return StopResult(agent, outcome)
-
     def settle(self, agent: Agent, outcome: killer.KillOutcome) -> None:
         self.enforcer.clear(agent)
         if outcome.verified_empty and not outcome.already_ended:
             agent.set_state(State.KILLED)
-
-    def _after_stop(self, vc: VerifiedCommand, agent: Agent, out: killer.KillOutcome) -> None:
-        """Everything slow, after the kill: audit the command and result, persist replay."""
-        self.gate.audit_accepted(vc, agent.name, agent_id=agent.id)
-        self.audit_result(vc, **killer.outcome_fields(agent, out), action=vc.action)
-        self.gate.replay.persist()
-
-    def audit_result(self, vc: VerifiedCommand, **fields: object) -> None:
-        fields.setdefault("ok", True)
-        self.audit.append("result", command_id=vc.command_id.hex(), **fields)
 
     def kill_agent(self, agent: Agent, reason: str, *, record: bool = True) -> killer.KillOutcome:
         """Kill agent on the daemon's own authority (a tripwire, a failed launch).
@@ -436,25 +400,5 @@ class Supervisor:
         return out
 
     # -------------------------------------------------------------- freeze
-    def freeze(self, envelope: agentd_pb2.Envelope, frozen: bool) -> Agent:
-        return self.freezer.freeze(envelope, frozen)
-
     def freeze_agent(self, agent: Agent, frozen: bool) -> tuple[bool, float]:
         return self.freezer.freeze_agent(agent, frozen)
-
-    # ------------------------------------------------------------ failsafe
-    def renew(self, envelope: agentd_pb2.Envelope) -> RenewResult:
-        return self.failsafe.renew(envelope)
-
-    def estop(self, envelope: agentd_pb2.Envelope) -> EstopResult:
-        return self.failsafe.estop(envelope)
-
-    def reset(self, envelope: agentd_pb2.Envelope) -> tuple[str, ...]:
-        return self.failsafe.reset(envelope)
-
-
-def _checks_text(agent: Agent) -> list[str]:
-    """The sandbox checks for the audit record: "name ok|FAILED: detail"."""
-    if agent.sandbox is None:
-        return []
-    return [f"{c.name} {'ok' if c.ok else 'FAILED'}: {c.detail}" for c in agent.sandbox.checks]

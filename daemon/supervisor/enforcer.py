@@ -59,6 +59,9 @@ class Enforcer:
         # (agent id, kind) -> (monotonic deadline, agent)
         self._deadlines: dict[tuple[str, str], tuple[float, Agent]] = {}
         self._heartbeats: list[Callable[[], None]] = []
+        # What must also be alive for a heartbeat: name -> check (see add_liveness).
+        self._liveness: dict[str, Callable[[], bool]] = {}
+        self._dead: str | None = None
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="agentd-enforcer", daemon=True)
         self.last_tick = time.monotonic()
@@ -78,6 +81,14 @@ class Enforcer:
     def add_heartbeat(self, fn: Callable[[], None]) -> None:
         """Call fn on every pass of the loop (at least every tick)."""
         self._heartbeats.append(fn)
+
+    def add_liveness(self, name: str, check: Callable[[], bool]) -> None:
+        """Beat only while check() is true too (the API's self-probe: a kill would be served).
+
+        A failing check stops systemd's watchdog pings and the guardian's
+        heartbeats: fail closed, the agents are killed and the daemon restarted.
+        """
+        self._liveness[name] = check
 
     # ---------------------------------------------------------- deadlines
     def set(self, agent: Agent, kind: str, deadline: float) -> None:
@@ -138,6 +149,15 @@ class Enforcer:
         reactor_age = self.last_tick - self._reactor_tick()
         if reactor_age > max(2.0, self._watchdog or 0.0):
             return
+        dead = next((name for name, ok in self._liveness.items() if not _true(ok)), None)
+        if dead != self._dead:
+            if dead is not None:
+                log.error("%s failed: no heartbeat for the watchdogs until it recovers", dead)
+            else:
+                log.warning("%s recovered: heartbeats resume", self._dead)
+            self._dead = dead
+        if dead is not None:
+            return
         for fn in self._heartbeats:
             try:
                 fn()
@@ -146,3 +166,11 @@ class Enforcer:
         if self._watchdog and self.last_tick - self._last_ping >= self._watchdog:
             sd_notify("WATCHDOG=1")
             self._last_ping = self.last_tick
+
+
+def _true(check: Callable[[], bool]) -> bool:
+    try:
+        return bool(check())
+    except Exception:
+        log.exception("liveness check failed")
+        return False

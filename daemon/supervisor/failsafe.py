@@ -13,12 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from agentd.v1 import agentd_pb2
-
-from daemon.auth import VerifiedCommand
 from daemon.cgroups.tree import kill_all, wait_all_empty
-from daemon.errors import FailedPrecondition, PermissionDenied
-from daemon.supervisor import killer, runspec
+from daemon.errors import FailedPrecondition
+from daemon.supervisor import killer
 from daemon.supervisor.agent import Agent, State
 from daemon.supervisor.enforcer import Expired
 from daemon.supervisor.killer import StopResult, outcome_fields, pids_of
@@ -52,27 +49,12 @@ class Failsafe:
         self._verifier.shutdown(wait=True)
 
     # --------------------------------------------------------------- leases
-    def renew(self, envelope: agentd_pb2.Envelope) -> RenewResult:
-        """Extend an agent's lease to ttl from now. Raises AgentdError (audited)."""
-        def precheck(vc: VerifiedCommand) -> Agent:
-            runspec.check_ttl(vc.command.renew.ttl_ms, self.cfg)
-            agent = self.sup.get(vc.command.renew.name)
-            if agent.kill_requested or agent.is_ended:
-                raise _ended(agent)
-            return agent
-
-        vc, agent = self.sup.gate.admit(envelope, "renew", precheck)
-        action = vc.command.renew
-        if not self.sup.enforcer.renew(agent, time.monotonic() + action.ttl_ms / 1000):
-            # The lease ran out between the check and now.
-            err = _ended(agent)
-            self.sup.gate.audit_rejection(envelope, "renew", err)
-            raise err
-        agent.lease_ttl_ms = action.ttl_ms
-        self.sup.gate.audit_accepted(vc, agent.name, agent_id=agent.id, ttl_ms=action.ttl_ms)
-        self.sup.gate.replay.persist()
-        remaining = self.sup.enforcer.remaining(agent, "lease") or 0.0
-        return RenewResult(agent, action.ttl_ms, remaining)
+    def renew(self, agent: Agent, ttl_ms: int) -> float | None:
+        """Extend agent's lease to ttl from now; the seconds left, or None if it ran out."""
+        if not self.sup.enforcer.renew(agent, time.monotonic() + ttl_ms / 1000):
+            return None
+        agent.lease_ttl_ms = ttl_ms
+        return self.sup.enforcer.remaining(agent, "lease") or 0.0
 
     def on_expired(self, expired: Expired) -> None:
         """Called from the enforcement loop: hard-kill expired leases, stop overrun agents.
@@ -132,13 +114,15 @@ class Failsafe:
                           **outcome_fields(agent, out))
 
     # --------------------------------------------------------------- estop
-    def estop(self, envelope: agentd_pb2.Envelope) -> EstopResult:
-        """Kill every agent at once, then latch. Raises AgentdError (audited)."""
-        vc, _ = self.sup.gate.admit(envelope, "estop")
-        accepted = time.monotonic()
+    def estop_all(self, accepted: float, *, reason: str, by: str) -> EstopResult:
+        """Latch in memory, kill every agent at once, wait for every cgroup to empty.
+
+        Nothing slow: the latch is persisted and the command recorded after,
+        by the caller (daemon.commands.estop).
+        """
         # The latch first, in memory: from here no run can start, and a run
         # already starting kills its own agent when it sees the latch.
-        self.sup.latch.engage(vc.command.reason or "emergency stop", ",".join(vc.principals))
+        self.sup.latch.engage(reason, by)
         running = self.sup.running()
         for a in running:
             a.request_end("estop")
@@ -163,41 +147,11 @@ class Failsafe:
             self.sup.settle(a, out)
             result.results.append(StopResult(a, out))
         result.duration_ms = (time.monotonic() - accepted) * 1e3
-        # Everything slow, after the kill.
-        self.sup.latch.persist()
-        self.sup.gate.audit_accepted(vc, "*")
-        self.sup.audit_result(
-            vc, action="estop", agents_killed=len(running),
-            processes_killed=sum(r.outcome.processes_killed for r in result.results),
-            all_verified_empty=all(r.outcome.verified_empty for r in result.results),
-            duration_ms=round(result.duration_ms, 3), latched=True,
-            agents=[r.agent.id for r in result.results])
-        self.sup.gate.replay.persist()
         return result
 
-    def reset(self, envelope: agentd_pb2.Envelope) -> tuple[str, ...]:
-        """Clear the latch if enough distinct principals signed. Returns them."""
-        def quorum(vc: VerifiedCommand) -> tuple[str, ...]:
-            # Count distinct principals among the signers whose role allows a
-            # reset; verify() already collapsed signatures to distinct keys.
-            principals = tuple(sorted({k.principal for k in vc.authorized}))
-            needed = self.cfg.reset_signatures
-            if len(principals) < needed:
-                raise PermissionDenied(
-                    f"reset needs signatures from {needed} distinct principals with role admin "
-                    f"or operator; this one has {len(principals)} ({', '.join(principals)}). "
-                    "Add one with 'agentctl cosign FILE --key OTHER_KEY'")
-            return principals
 
-        vc, principals = self.sup.gate.admit(envelope, "reset", quorum)
-        cleared = self.sup.latch.clear()
-        self.sup.gate.audit_accepted(vc, "*", reset_principals=list(principals),
-                                 was_latched=cleared is not None)
-        self.sup.gate.replay.persist()
-        return principals
-
-
-def _ended(agent: Agent) -> FailedPrecondition:
+def ended_error(agent: Agent) -> FailedPrecondition:
+    """A renew of an agent that has ended or is being ended: nothing to bring back."""
     return FailedPrecondition(
         f"agent {agent.name!r} has ended or is being ended "
         f"({agent.end_reason or agent.state.value}); a renew cannot bring it back")

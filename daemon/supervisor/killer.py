@@ -41,17 +41,32 @@ def kill(agent: Agent, *, accepted_at: float, verify_timeout: float) -> KillOutc
     return out
 
 
-def stop(agent: Agent, *, accepted_at: float, grace: float, verify_timeout: float) -> KillOutcome:
-    """SIGTERM every member, wait up to grace for the cgroup to empty, then kill."""
+@dataclass
+class Termination:
+    """A stop under way: SIGTERM sent, the grace period running (see begin_stop)."""
+
+    accepted_at: float
+    at_term: set[int]
+    # Set when the stop needs no grace period: it is already over.
+    outcome: KillOutcome | None = None
+
+
+def begin_stop(agent: Agent, *, accepted_at: float, verify_timeout: float) -> Termination:
+    """SIGTERM every member (the agent's own processes), or kill a frozen agent at once.
+
+    Quick: one read of cgroup.procs and a signal per member. The caller waits
+    up to its grace period for the cgroup to empty (without holding anything
+    a kill needs), then calls finish_stop.
+    """
     if agent.is_ended:
-        return _already_ended(accepted_at)
+        return Termination(accepted_at, set(), _already_ended(accepted_at))
     agent.kill_requested = True
     if agent.state == State.FROZEN:
         # Thawing it so that it could act on SIGTERM would let a suspect agent
         # run again: a frozen agent is stopped by cgroup.kill alone.
         before, out = _kill_and_verify(agent.cgroup, accepted_at, verify_timeout)
         out.processes_killed = len(before)
-        return out
+        return Termination(accepted_at, before, out)
     agent.set_state(State.STOPPING)
     group = agent.cgroup
     at_term = set(pids_of(group))
@@ -60,17 +75,38 @@ def stop(agent: Agent, *, accepted_at: float, grace: float, verify_timeout: floa
     # main process exits, cutting the agent's grace period short. bwrap's
     # init ignores SIGTERM anyway (pid_namespaces(7)).
     group.signal_all(signal.SIGTERM, exclude=agent.helper_pids)
-    if group.wait_empty(time.monotonic() + grace):
+    return Termination(accepted_at, at_term)
+
+
+def finish_stop(agent: Agent, term: Termination, *, verify_timeout: float) -> KillOutcome:
+    """After the grace period: the SIGTERM's outcome if the cgroup emptied, else kill it."""
+    if term.outcome is not None:
+        return term.outcome
+    group = agent.cgroup
+    if not group.populated():
         return KillOutcome(
-            processes_killed=len(at_term),
-            terminated_by_sigterm=len(at_term),
-            duration_ms=(time.monotonic() - accepted_at) * 1e3,
+            processes_killed=len(term.at_term),
+            terminated_by_sigterm=len(term.at_term),
+            duration_ms=(time.monotonic() - term.accepted_at) * 1e3,
             method="SIGTERM",
         )
-    at_kill, out = _kill_and_verify(group, accepted_at, verify_timeout)
-    out.processes_killed = len(at_term | at_kill)
-    out.terminated_by_sigterm = len(at_term - at_kill)
+    at_kill, out = _kill_and_verify(group, term.accepted_at, verify_timeout)
+    out.processes_killed = len(term.at_term | at_kill)
+    out.terminated_by_sigterm = len(term.at_term - at_kill)
     return out
+
+
+def stop(agent: Agent, *, accepted_at: float, grace: float, verify_timeout: float) -> KillOutcome:
+    """SIGTERM every member, wait up to grace for the cgroup to empty, then kill.
+
+    Blocks for the grace period: for the daemon's own stops (max_runtime),
+    which run in its pool. Signed stops wait their grace without a thread
+    (daemon.api), through begin_stop and finish_stop.
+    """
+    term = begin_stop(agent, accepted_at=accepted_at, verify_timeout=verify_timeout)
+    if term.outcome is None:
+        agent.cgroup.wait_empty(time.monotonic() + grace)
+    return finish_stop(agent, term, verify_timeout=verify_timeout)
 
 
 def _already_ended(accepted_at: float) -> KillOutcome:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import threading
 import time
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.errors import FailedPrecondition
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class Latch:
         self.path = path
         self._lock = threading.Lock()
         self.state: LatchState | None = None
+        self._unpersisted = False
         self._load()
 
     def _load(self) -> None:
@@ -65,6 +69,28 @@ class Latch:
             os.fsync(f.fileno())
         os.rename(tmp, self.path)
         _fsync_dir(self.path.parent)
+
+    def persist_or_retry(self) -> bool:
+        """persist(), or if the disk refuses, remember to retry (see retry()). True if durable.
+
+        The estop has already killed and latched in memory: a full disk must
+        not turn it into an error, but a restart before the file is written
+        would forget the latch, so the recorder retries until it is.
+        """
+        try:
+            self.persist()
+        except OSError as err:
+            log.error("estop latch %s not persisted (%s); retrying until it is",
+                      self.path, err)
+            self._unpersisted = True
+            return False
+        self._unpersisted = False
+        return True
+
+    def retry(self) -> None:
+        """Persist a latch the disk refused before, if it is still engaged."""
+        if self._unpersisted and self.state is not None:
+            self.persist_or_retry()
 
     def clear(self) -> LatchState | None:
         """Remove the latch durably. Returns what was cleared."""

@@ -526,12 +526,15 @@ class EstopResult(_message.Message):
     ALL_VERIFIED_EMPTY_FIELD_NUMBER: _builtins.int
     AGENTS_FIELD_NUMBER: _builtins.int
     LATCHED_FIELD_NUMBER: _builtins.int
+    AUDIT_PENDING_FIELD_NUMBER: _builtins.int
     agents_killed: _builtins.int
     processes_killed: _builtins.int
     duration_ms: _builtins.float
     """acceptance to every cgroup verified empty"""
     all_verified_empty: _builtins.bool
     latched: _builtins.bool
+    audit_pending: _builtins.bool
+    """as KillResult.audit_pending; the latch file too"""
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___KillResult]: ...
     def __init__(
@@ -543,10 +546,11 @@ class EstopResult(_message.Message):
         all_verified_empty: _builtins.bool = ...,
         agents: _abc.Iterable[Global___KillResult] | None = ...,
         latched: _builtins.bool = ...,
+        audit_pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "agents_killed", b"agents_killed", "all_verified_empty", b"all_verified_empty", "duration_ms", b"duration_ms", "latched", b"latched", "processes_killed", b"processes_killed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "agents_killed", b"agents_killed", "all_verified_empty", b"all_verified_empty", "audit_pending", b"audit_pending", "duration_ms", b"duration_ms", "latched", b"latched", "processes_killed", b"processes_killed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1136,6 +1140,7 @@ class KillResult(_message.Message):
     TERMINATED_BY_SIGTERM_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     ALREADY_ENDED_FIELD_NUMBER: _builtins.int
+    AUDIT_PENDING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     id: _builtins.str
     processes_killed: _builtins.int
@@ -1151,6 +1156,10 @@ class KillResult(_message.Message):
     state: Global___AgentState.ValueType
     already_ended: _builtins.bool
     """the agent had ended before the command"""
+    audit_pending: _builtins.bool
+    """The kill happened; its audit record is not on disk yet (full or slow
+    disk). It waits in memory and is written, in order, once the disk takes it.
+    """
     @_builtins.property
     def stuck(self) -> _containers.RepeatedCompositeFieldContainer[Global___StuckProcess]:
         """still present when the wait timed out"""
@@ -1168,10 +1177,11 @@ class KillResult(_message.Message):
         terminated_by_sigterm: _builtins.int = ...,
         state: Global___AgentState.ValueType = ...,
         already_ended: _builtins.bool = ...,
+        audit_pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_ended", b"already_ended", "duration_ms", b"duration_ms", "id", b"id", "method", b"method", "name", b"name", "processes_killed", b"processes_killed", "state", b"state", "stuck", b"stuck", "terminated_by_sigterm", b"terminated_by_sigterm", "verified_empty", b"verified_empty"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_ended", b"already_ended", "audit_pending", b"audit_pending", "duration_ms", b"duration_ms", "id", b"id", "method", b"method", "name", b"name", "processes_killed", b"processes_killed", "state", b"state", "stuck", b"stuck", "terminated_by_sigterm", b"terminated_by_sigterm", "verified_empty", b"verified_empty"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

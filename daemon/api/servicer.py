@@ -1,0 +1,269 @@
+"""The Agentd service on the API's asyncio loop: each RPC to its lane (daemon.api.lanes).
+
+Errors are mapped to gRPC statuses here and only here. A handler never lets
+an exception escape: the daemon must never crash on input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from agentd.v1 import agentd_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from daemon.api import convert, logs
+from daemon.api.lanes import Lanes
+from daemon.commands import estop, freeze, kill, renew, reset, run, stop
+from daemon.commands.context import Ctx
+from daemon.errors import AgentdError
+from daemon.events import RING_SIZE, Event, EventBus
+from daemon.supervisor.agent import Agent
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+# Event and log followers hold no thread, but each holds a little memory and
+# a stream of its connection: a bound all the same.
+MAX_EVENT_STREAMS = 16
+MAX_LOG_FOLLOWERS = 128
+# How often a follower with nothing to send looks again.
+EVENTS_POLL_S = 0.05
+# A refusal's reply waits this long at most for its audit record.
+_REJECTION_RECORD_WAIT_S = 2.0
+# While a stop's grace period runs: how often the cgroup is looked at.
+_GRACE_POLL_MIN_S, _GRACE_POLL_MAX_S = 0.002, 0.05
+
+
+def timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+class Servicer:
+    """One method per RPC: async def NAME(request, context)."""
+
+    def __init__(self, ctx: Ctx, lanes: Lanes, info: Callable[[], agentd_pb2.InfoResponse],
+                 *, events: EventBus, max_event_streams: int = MAX_EVENT_STREAMS) -> None:
+        self.ctx = ctx
+        self.sup = ctx.sup
+        self.lanes = lanes
+        self._info = info
+        self._events = events
+        self._max_event_streams = max_event_streams
+        self._event_streams = 0
+        self._log_followers = 0
+
+    # ------------------------------------------------------------- helpers
+    def _agent(self, a: Agent) -> agentd_pb2.Agent:
+        return convert.agent(a, self.sup.enforcer.remaining(a, "lease"))
+
+    async def _call(self, context: Context, go: Awaitable[T]) -> T:
+        try:
+            return await go
+        except AgentdError as err:
+            if err.audit_written is not None:
+                # Answer once the refusal is on record, unless the disk is slow.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.wrap_future(err.audit_written),
+                                           _REJECTION_RECORD_WAIT_S)
+            await _abort(context, err.code, err.message)
+        except Exception:
+            log.exception("internal error")
+            await _abort(context, grpc.StatusCode.INTERNAL,
+                         "internal error in agentd; see its log")
+
+    # --------------------------------------------------------------- reads
+    async def Info(self, request: agentd_pb2.InfoRequest,
+                   context: Context) -> agentd_pb2.InfoResponse:
+        return await self._call(context, self.lanes.work(self._info))
+
+    async def ListAgents(self, request: agentd_pb2.ListAgentsRequest,
+                         context: Context) -> agentd_pb2.ListAgentsResponse:
+        return await self._call(context, self.lanes.work(
+            lambda: agentd_pb2.ListAgentsResponse(
+                agents=[self._agent(a) for a in self.sup.agents()])))
+
+    async def GetAgent(self, request: agentd_pb2.GetAgentRequest,
+                       context: Context) -> agentd_pb2.Agent:
+        return await self._call(context, self.lanes.work(
+            lambda: self._agent(self.sup.get(request.name))))
+
+    # --------------------------------------------------------------- stops
+    async def Kill(self, request: agentd_pb2.Envelope,
+                   context: Context) -> agentd_pb2.KillResult:
+        async def go() -> agentd_pb2.KillResult:
+            k = await self.lanes.stop(lambda: kill.act(self.ctx, request))
+            durable = await self.lanes.record(lambda: kill.record(self.ctx, k))
+            return _pending(convert.kill_result(k.agent, k.outcome), durable)
+
+        return await self._call(context, go())
+
+    async def Stop(self, request: agentd_pb2.Envelope,
+                   context: Context) -> agentd_pb2.KillResult:
+        async def go() -> agentd_pb2.KillResult:
+            s = await self.lanes.stop(lambda: stop.begin(self.ctx, request))
+            if s.term.outcome is None:
+                # The grace period holds a coroutine, not a thread.
+                await _wait_empty(s.agent, time.monotonic() + s.grace_s)
+            out = await self.lanes.stop(lambda: stop.finish(self.ctx, s))
+            durable = await self.lanes.record(lambda: stop.record(self.ctx, s, out))
+            return _pending(convert.kill_result(s.agent, out), durable)
+
+        return await self._call(context, go())
+
+    async def Estop(self, request: agentd_pb2.Envelope,
+                    context: Context) -> agentd_pb2.EstopResult:
+        async def go() -> agentd_pb2.EstopResult:
+            e = await self.lanes.stop(lambda: estop.act(self.ctx, request))
+            durable = await self.lanes.record(lambda: estop.record(self.ctx, e))
+            agents = [convert.kill_result(x.agent, x.outcome) for x in e.result.results]
+            return agentd_pb2.EstopResult(
+                agents_killed=len(agents),
+                processes_killed=sum(a.processes_killed for a in agents),
+                duration_ms=e.result.duration_ms,
+                all_verified_empty=all(a.verified_empty for a in agents),
+                agents=agents, latched=self.sup.latch.latched, audit_pending=not durable)
+
+        return await self._call(context, go())
+
+    async def Freeze(self, request: agentd_pb2.Envelope,
+                     context: Context) -> agentd_pb2.Agent:
+        async def go() -> agentd_pb2.Agent:
+            f = await self.lanes.stop(lambda: freeze.act(self.ctx, request))
+            await self.lanes.record(lambda: freeze.record(self.ctx, f))
+            return self._agent(freeze.check_done(f))
+
+        return await self._call(context, go())
+
+    # ----------------------------------------------- starts and loosenings
+    async def Thaw(self, request: agentd_pb2.Envelope,
+                   context: Context) -> agentd_pb2.Agent:
+        return await self._call(context, self.lanes.work(
+            lambda: self._agent(freeze.thaw(self.ctx, request))))
+
+    async def Run(self, request: agentd_pb2.Envelope,
+                  context: Context) -> agentd_pb2.Agent:
+        return await self._call(context, self.lanes.work(
+            lambda: self._agent(run.run(self.ctx, request))))
+
+    async def Renew(self, request: agentd_pb2.Envelope,
+                    context: Context) -> agentd_pb2.LeaseResult:
+        def go() -> agentd_pb2.LeaseResult:
+            r = renew.run(self.ctx, request)
+            return agentd_pb2.LeaseResult(
+                name=r.agent.name, id=r.agent.id, ttl_ms=r.ttl_ms,
+                remaining_ms=r.remaining_s * 1e3,
+                expires_at=timestamp(time.time() + r.remaining_s))
+
+        return await self._call(context, self.lanes.work(go))
+
+    async def Reset(self, request: agentd_pb2.Envelope,
+                    context: Context) -> agentd_pb2.ResetResult:
+        def go() -> agentd_pb2.ResetResult:
+            principals = reset.run(self.ctx, request)
+            return agentd_pb2.ResetResult(latched=self.sup.latch.latched,
+                                          principals=list(principals))
+
+        return await self._call(context, self.lanes.work(go))
+
+    # ------------------------------------------------------------- streams
+    async def Events(self, request: agentd_pb2.EventsRequest,
+                     context: Context) -> AsyncIterator[agentd_pb2.Event]:
+        """The backlog asked for, then (follow) new events until the client goes away.
+
+        At most max_event_streams at once; the rest are refused at once
+        (RESOURCE_EXHAUSTED), never queued.
+        """
+        if self._event_streams >= self._max_event_streams:
+            await _abort(
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"agentd serves at most {self._max_event_streams} event streams at once and "
+                "all are in use; end a follower (agentctl events -f) or try again later")
+        self._event_streams += 1
+        try:
+            backlog = min(request.backlog, RING_SIZE)
+            with self._events.subscribe(backlog, request.agent or None,
+                                        follow=request.follow) as sub:
+                while not context.done():
+                    event = sub.next(timeout=0)
+                    if event is not None:
+                        yield _event_message(event)
+                    elif sub.closed:
+                        return  # backlog only, or the daemon is stopping
+                    else:
+                        await asyncio.sleep(EVENTS_POLL_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("internal error in an event stream")
+            await _abort(context, grpc.StatusCode.INTERNAL,
+                         "internal error in agentd; see its log")
+        finally:
+            self._event_streams -= 1
+
+    async def Logs(self, request: agentd_pb2.LogsRequest,
+                   context: Context) -> AsyncIterator[agentd_pb2.LogChunk]:
+        """The tail of the agent's stdout and stderr, then (follow) new output until it ends."""
+        try:
+            agent = self.sup.get(request.name)
+        except AgentdError as err:
+            await _abort(context, err.code, err.message)
+        if request.follow and self._log_followers >= MAX_LOG_FOLLOWERS:
+            await _abort(
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"agentd follows at most {MAX_LOG_FOLLOWERS} logs at once and all are in use; "
+                "end a follower (agentctl logs -f) or try again later")
+        self._log_followers += request.follow
+        try:
+            async for name, data in logs.astream(agent, tail_bytes=request.tail_bytes,
+                                                 follow=request.follow,
+                                                 active=lambda: not context.done()):
+                yield agentd_pb2.LogChunk(stream=name, data=data)
+        except asyncio.CancelledError:
+            raise
+        except AgentdError as err:
+            await _abort(context, err.code, err.message)
+        except Exception:
+            log.exception("internal error in a log stream")
+            await _abort(context, grpc.StatusCode.INTERNAL,
+                         "internal error in agentd; see its log")
+        finally:
+            self._log_followers -= request.follow
+
+
+async def _abort(context: Context, code: grpc.StatusCode,
+                 message: str) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+def _pending(result: agentd_pb2.KillResult, durable: bool) -> agentd_pb2.KillResult:
+    result.audit_pending = not durable
+    return result
+
+
+async def _wait_empty(agent: Agent, deadline: float) -> bool:
+    """Wait, without a thread, until the agent's cgroup is empty or deadline passes."""
+    delay = _GRACE_POLL_MIN_S
+    while agent.cgroup.populated():
+        now = time.monotonic()
+        if now >= deadline:
+            return False
+        await asyncio.sleep(min(delay, deadline - now))
+        delay = min(delay * 2, _GRACE_POLL_MAX_S)
+    return True
+
+
+def _event_message(e: Event) -> agentd_pb2.Event:
+    return agentd_pb2.Event(
+        seq=e.seq, at=timestamp(e.at), kind=e.kind, type=e.type, agent=e.agent,
+        agent_id=e.agent_id, message=e.message, fields_json=e.fields_json,
+    )
