@@ -208,3 +208,29 @@ def test_edited_trust_store_is_picked_up(fresh_daemon: Daemon, hostile: Path) ->
     assert "line" in (exc.value.details() or "")
     ts.write_text(d.keys.trust_store())
     d.kill("late")
+
+
+def test_running_daemon_prunes_its_replay_cache(tmp_root: Path, hostile: Path) -> None:
+    """Expired entries leave the file without a restart: it does not grow for months."""
+    # A short window (lifetime 4 s + skew 2 s) so entries expire within the test.
+    d = Daemon(tmp_root / "dev", config="max_command_lifetime_s = 4\nclock_skew_s = 2\n")
+    d.start()
+    try:
+        replay = d.dir / "state" / "replay.jsonl"
+
+        def entries() -> int:
+            return len(replay.read_text().splitlines()) - 1
+
+        def fill(cmd: agentd_pb2.Command) -> None:
+            cmd.run.name = "short-lived"
+            cmd.run.argv.extend([AGENT_PYTHON, str(hostile / "ignore_term.py")])
+
+        d.stub.Run(d.signed(fill, d.keys.operator, lifetime=4), timeout=30)
+        kill = _kill_cmd(d, "short-lived", lifetime=4)
+        assert d.stub.Kill(_signed(d, kill), timeout=30).verified_empty
+        assert entries() == 2
+        # Kept until expiry + window, dropped at the next prune (every window).
+        assert wait_for(lambda: entries() == 0, 90, interval=0.5), replay.read_text()
+        assert d.proc is not None and d.proc.poll() is None  # no restart
+    finally:
+        d.stop()
