@@ -152,6 +152,7 @@ def run(cfg: config.Config) -> int:
                                   timeout_s=cfg.guardian_timeout_s,
                                   force_fallback=cfg.force_kill_fallback)
         sup.enforcer.add_heartbeat(guardian.beat)
+        sup.attach_guardian(guardian.acted)
     kill_method = KILL_METHOD if tree.has_cgroup_kill else FALLBACK_METHOD
 
     def info() -> agentd_pb2.InfoResponse:
