@@ -186,9 +186,14 @@ def test_daemon_sigstopped_guardian_kills_every_agent(tmp_root: Path, hostile: P
             # Labelled as the guardian's doing, not a plain death by signal.
             assert d.get(a.name).end_reason == "guardian"
             assert d.get(a.name).state == agentd_pb2.AGENT_STATE_KILLED
-        ended = {r["agent_id"]: r["end_reason"] for r in d.audit_records()
-                 if r["event"] == "agent_ended"}
-        assert ended == {a.id: "guardian" for a in agents}
+
+        def ended() -> dict[str, object]:
+            return {str(r["agent_id"]): r["end_reason"] for r in d.audit_records()
+                    if r["event"] == "agent_ended"}
+
+        # agent_ended is audited just after the state changes.
+        assert wait_for(lambda: len(ended()) == len(agents), 10), ended()
+        assert ended() == {a.id: "guardian" for a in agents}
         assert d.stop() == 0
         d.start()
         killed = [r for r in d.audit_records() if r["event"] == "guardian_killed"]
