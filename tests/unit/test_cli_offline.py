@@ -142,13 +142,12 @@ def test_keygen_writes_an_openssh_key_pair(tmp_path: Path) -> None:
     assert signing.public_key_line(key, "alice@host") + "\n" == pub_line
 
 
-@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
-def test_keygen_output_is_readable_by_ssh_keygen(tmp_path: Path) -> None:
+def test_keygen_output_is_readable_by_ssh_keygen(tmp_path: Path, ssh_keygen: str) -> None:
     out = tmp_path / "k"
     assert invoke(["keygen", "-o", str(out), "-C", "x@y"]).exit_code == 0
 
     derived = subprocess.run(
-        ["ssh-keygen", "-y", "-f", str(out)], capture_output=True, text=True, check=True
+        [ssh_keygen, "-y", "-f", str(out)], capture_output=True, text=True, check=True
     )
 
     assert derived.stdout.split()[:2] == (tmp_path / "k.pub").read_text().split()[:2]
@@ -335,12 +334,11 @@ def test_encrypted_key_takes_the_passphrase_from_the_environment(tmp_path: Path)
     )
 
 
-@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
 @pytest.mark.parametrize("passphrase", ["", "correct horse"])
-def test_keys_made_by_ssh_keygen_work(tmp_path: Path, passphrase: str) -> None:
+def test_keys_made_by_ssh_keygen_work(tmp_path: Path, passphrase: str, ssh_keygen: str) -> None:
     path = tmp_path / "id_ed25519"
     subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-C", "op@laptop",
+        [ssh_keygen, "-q", "-t", "ed25519", "-N", passphrase, "-C", "op@laptop",
          "-f", str(path)],
         check=True,
     )
