@@ -520,6 +520,35 @@ def test_guardian_with_nothing_to_kill_still_reports(report_dir: Path) -> None:
         g.end()
 
 
+def test_guardian_that_cannot_write_its_report_exits_1_and_says_it(report_dir: Path) -> None:
+    """Acted, but the report is lost: exit 1, and the report goes to stderr for the journal."""
+    missing = report_dir / "no-such-dir"
+    g = _Run(Path("/sys/fs/cgroup/no-such-agentd-subtree"), missing, 600.0)
+    try:
+        assert g.ready == ARMED
+        g.close()
+        code, err = g.wait()
+        assert code == 1, err
+        assert "CANNOT WRITE REPORT" in err and '"reason": "daemon_died"' in err, err
+        assert list(report_dir.iterdir()) == []
+    finally:
+        g.end()
+
+
+def test_guardian_that_cannot_arm_says_why_and_exits_2(report_dir: Path) -> None:
+    """A heartbeat fd it was not given: it refuses to arm rather than watch nothing."""
+    unopened = 1000  # above anything this test or the guardian has open
+    g = _Run(report_dir, report_dir, 600.0, heartbeat_fd=unopened)
+    try:
+        assert g.ready.startswith(b"cannot arm: "), g.ready
+        assert b"Bad file descriptor" in g.ready
+        code, err = g.wait()
+        assert code == 2, err
+        assert list(report_dir.iterdir()) == []
+    finally:
+        g.end()
+
+
 def test_guardian_refuses_a_bad_spec(report_dir: Path) -> None:
     g = _Run(report_dir, report_dir, -1.0)
     try:
