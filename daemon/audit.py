@@ -77,9 +77,11 @@ class AuditLog:
         """Open the log at *path*, continuing its chain or starting one.
 
         Creates the parent directory (0750) and the file (0600) if missing.
-        An existing log is verified, against ``PATH.head`` when present. If it
-        fails, it is moved aside to ``PATH.broken-<unix time>`` (with its head
-        file, as ``PATH.broken-<unix time>.head``) and a new chain starts with
+        An existing log is verified, against ``PATH.head`` when present; a
+        head may lag the log by one record (a crash between the append and
+        the head update), never more. If it fails, it is moved aside to
+        ``PATH.broken-<unix time>`` (with its head file, as
+        ``PATH.broken-<unix time>.head``) and a new chain starts with
         an ``audit_chain_broken`` record naming it: the kill switch must stay
         available, so a bad log never stops the daemon. *clock* gives the
         records' ``ts``.
@@ -95,6 +97,8 @@ class AuditLog:
         log = cls(path, fd, seq, head_hash, clock)
         try:
             if broken is not None:
+                _log.warning("audit log %s failed verification and was set aside as %s: %s",
+                             path, broken["broken_log"], "; ".join(broken["problems"]))
                 log.append("audit_chain_broken", **broken)
             else:
                 # Bring a lagging or missing head file up to date with the log.
@@ -356,6 +360,16 @@ def _recover(path: Path, now: int) -> tuple[int, str, dict[str, Any] | None]:
             report = unread
             problems.append(f"cannot read the log: {err}")
         problems.extend(report.problems)
+        if expected is not None and report.beyond_head > 1:
+            # The daemon fsyncs a record before it rewrites the head, so a
+            # crash leaves the head one record behind, never more. Adopting
+            # more would let anyone who can write the file extend the chain.
+            problems.append(
+                f"{path} has {report.last_seq + 1} records but its head file {head_file} "
+                f"says {expected[0] + 1}: {report.beyond_head} records beyond the head, more "
+                "than the one a crash can leave; they were appended by something other than "
+                "agentd, or the head file was replaced by an older one"
+            )
     if not problems:
         return report.last_seq, report.head, None
     aside = _move_aside(path, now) if path.exists() else None

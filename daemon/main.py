@@ -29,13 +29,17 @@ from daemon.commands.context import Ctx
 from daemon.commands.gate import CommandGate
 from daemon.commands.recorder import Recorder
 from daemon.commands.rejections import Rejections
-from daemon.errors import AgentdError, ConfigError
+from daemon.errors import AgentdError, ConfigError, ReplayCacheIOError
 from daemon.events import EventBus
 from daemon.monitor import rules as tripwire_rules
 from daemon.supervisor.core import Supervisor
 from daemon.supervisor.guardian_link import Guardian, import_reports
 
 log = logging.getLogger("agentd")
+
+# How often expired replay-cache entries are dropped (at most; sooner when the
+# window is shorter). Rarely: each prune that drops something rewrites the file.
+_REPLAY_PRUNE_S = 60.0
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -161,6 +165,7 @@ def run(cfg: config.Config) -> int:
                                   timeout_s=cfg.guardian_timeout_s,
                                   force_fallback=cfg.force_kill_fallback)
         sup.enforcer.add_heartbeat(guardian.beat)
+        sup.attach_guardian(guardian.acted)
     kill_method = KILL_METHOD if tree.has_cgroup_kill else FALLBACK_METHOD
 
     def info() -> agentd_pb2.InfoResponse:
@@ -218,11 +223,18 @@ def run(cfg: config.Config) -> int:
                     "for %.0f s", replay.degraded_until - time.time())
     status = sup.status_line()
     _notify(f"READY=1\nSTATUS={status}")
+    # Pruned from this idle loop, not the enforcement loop: that one kills
+    # on lease expiry, and must never wait for a file rewrite.
+    prune_every = min(_REPLAY_PRUNE_S, cfg.max_command_lifetime_s + cfg.clock_skew_s)
+    next_prune = time.monotonic() + prune_every
     while not stop.wait(timeout=1.0):
         # systemctl status shows this line: keep it current for the human.
         if (now_status := sup.status_line()) != status:
             status = now_status
             _notify(f"STATUS={status}")
+        if time.monotonic() >= next_prune:
+            next_prune = time.monotonic() + prune_every
+            _prune_replay(replay)
     _notify("STOPPING=1\nSTATUS=killing agents and shutting down")
     server.stop(grace=1.0).wait(2.0)
     killed = sup.shutdown()
@@ -238,6 +250,17 @@ def run(cfg: config.Config) -> int:
         metrics_server.stop()
     log.info("agentd stopped; %d running agent(s) killed", killed)
     return 0
+
+
+def _prune_replay(replay: ReplayCache) -> None:
+    """Drop expired replay entries; a failed rewrite loses nothing, so it is only logged."""
+    try:
+        dropped = replay.prune(time.time())
+    except ReplayCacheIOError as err:
+        log.warning("%s", err.message)
+        return
+    if dropped:
+        log.debug("replay cache: %d expired entr(ies) dropped", dropped)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import grpc
-from agentd import signing
+from agentd import auditchain, signing
 from agentd.v1 import agentd_pb2, agentd_pb2_grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -77,8 +77,11 @@ class Daemon:
 
     def __init__(self, root: Path, *, mode: str = "auto", extra: list[str] | None = None,
                  keys: Keys | None = None, config: str = "",
-                 cgroup_prefix: str = CGROUP_PREFIX) -> None:
+                 cgroup_prefix: str = CGROUP_PREFIX, verify_audit: bool = True) -> None:
         self.dir = root
+        # Every stop checks the audit chain the daemon left (check_audit_chain);
+        # only a test that breaks the log on purpose passes verify_audit=False.
+        self.verify_audit = verify_audit
         self.mode = mode
         self.extra = extra or []
         self.keys = keys or Keys()
@@ -153,7 +156,28 @@ class Daemon:
             self.proc.kill()
             rc = self.proc.wait()
         self.proc = None
+        if self.verify_audit:
+            self.check_audit_chain(clean=rc == 0)
         return rc
+
+    def check_audit_chain(self, *, clean: bool = True) -> None:
+        """Fail (AssertionError) unless the audit log verifies against its head file.
+
+        Uses the project's own verifier (agentd.auditchain), as `agentctl audit
+        verify` does. After a clean exit the head names the last record; after
+        a crash it may lag by one record, never more.
+        """
+        if not self.audit_log.exists():
+            return  # the daemon never got as far as opening it
+        head_file = auditchain.head_path(self.audit_log)
+        assert head_file.exists(), f"{self.audit_log}: the daemon left no head file {head_file}"
+        head = auditchain.read_head(head_file)
+        report = auditchain.verify(self.audit_log, expected_head=head)
+        assert report.ok, f"{self.audit_log} does not verify:\n" + "\n".join(report.problems)
+        allowed = 0 if clean else 1
+        assert report.beyond_head <= allowed, (
+            f"{self.audit_log}: {report.beyond_head} record(s) beyond the head {head} "
+            f"after a{' clean' if clean else 'n unclean'} stop")
 
     @property
     def pid(self) -> int:

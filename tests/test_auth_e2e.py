@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -168,6 +169,11 @@ def test_replay_refused_after_restart(fresh_daemon: Daemon, hostile: Path) -> No
     with pytest.raises(grpc.RpcError) as exc:
         d.stub.Kill(kill_env, timeout=10)
     assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Refused as a replay, not for any other reason UNAUTHENTICATED stands for.
+    command_id = agentd_pb2.Command.FromString(kill_env.payload).command_id.hex()
+    assert exc.value.details() == (f"command {command_id} was already accepted; replays are "
+                                   "refused — sign a new command"), exc.value.details()
+    assert _rejected_records(d)[-1]["error_reason"] == "replayed"
     assert d.get("survivor").state == agentd_pb2.AGENT_STATE_RUNNING
     d.kill("survivor")
 
@@ -185,10 +191,63 @@ def test_lost_replay_cache_refuses_run_but_not_kill(fresh_daemon: Daemon, hostil
         d.run("after-loss", [AGENT_PYTHON, str(hostile / "ignore_term.py")])
     assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "stop, kill and estop" in (exc.value.details() or "")
-    # Kill still works (here: of an unknown agent, which is the only kind left).
-    with pytest.raises(grpc.RpcError) as exc:
-        d.kill("before-loss")
-    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_estop_works_while_the_replay_cache_is_degraded(tmp_root: Path, hostile: Path) -> None:
+    """The stop path stays open while runs (and resets) wait out the window.
+
+    No agent can be running while the cache is degraded: the window starts
+    when the daemon opens the cache, every agent of the earlier run was
+    killed at its start, and runs are refused until the window ends. So the
+    stop action that can act here is an estop; it must be accepted and latch.
+    """
+    # A window of lifetime 10 s + skew 5 s, so the test can outwait it.
+    d = Daemon(tmp_root / "dev", config="max_command_lifetime_s = 10\nclock_skew_s = 5\n")
+    d.start()
+    try:
+        d.stop()
+        (d.dir / "state" / "replay.jsonl").write_text("{not json\n")
+        d.start()
+        info = d.stub.Info(agentd_pb2.InfoRequest(), timeout=5)
+        assert info.HasField("replay_degraded_until")
+        until = info.replay_degraded_until.ToDatetime().timestamp()
+
+        estop = d.stub.Estop(d.signed(lambda c: c.estop.SetInParent(), d.keys.oncall,
+                                      lifetime=10, reason="degraded"), timeout=60)
+        assert estop.latched and estop.agents_killed == 0
+        accepted = [r for r in d.audit_records()
+                    if r["event"] == "command" and r["decision"] == "accepted"]
+        assert [r["action"] for r in accepted] == ["estop"]
+        # Audited (after it was admitted) inside the degraded window: the degraded branch ran.
+        assert datetime.fromisoformat(str(accepted[0]["ts"])).timestamp() < until
+        assert d.stub.Info(agentd_pb2.InfoRequest(), timeout=5).estop_latched
+
+        # A reset is not a stop: it waits out the window like a run.
+        def reset() -> agentd_pb2.ResetResult:
+            result: agentd_pb2.ResetResult = d.stub.Reset(
+                d.signed(lambda c: c.reset.SetInParent(), d.keys.admin, lifetime=10),
+                timeout=10)
+            return result
+
+        with pytest.raises(grpc.RpcError) as exc:
+            reset()
+        assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "stop, kill and estop" in (exc.value.details() or "")
+        assert wait_for(lambda: not d.stub.Info(agentd_pb2.InfoRequest(), timeout=5)
+                        .HasField("replay_degraded_until"), 60, interval=0.5)
+        assert not reset().latched
+
+        # Once the window is over and the latch reset, a real agent runs and is killed.
+        def fill(cmd: agentd_pb2.Command) -> None:
+            cmd.run.name = "after-window"
+            cmd.run.argv.extend([AGENT_PYTHON, str(hostile / "ignore_term.py")])
+
+        agent = d.stub.Run(d.signed(fill, d.keys.operator, lifetime=10), timeout=30)
+        killed = d.stub.Kill(_signed(d, _kill_cmd(d, "after-window", lifetime=10)), timeout=30)
+        assert killed.verified_empty
+        assert pids_in(agent.cgroup_paths[0]) == []
+    finally:
+        d.stop()
 
 
 def test_edited_trust_store_is_picked_up(fresh_daemon: Daemon, hostile: Path) -> None:
@@ -208,3 +267,29 @@ def test_edited_trust_store_is_picked_up(fresh_daemon: Daemon, hostile: Path) ->
     assert "line" in (exc.value.details() or "")
     ts.write_text(d.keys.trust_store())
     d.kill("late")
+
+
+def test_running_daemon_prunes_its_replay_cache(tmp_root: Path, hostile: Path) -> None:
+    """Expired entries leave the file without a restart: it does not grow for months."""
+    # A short window (lifetime 4 s + skew 2 s) so entries expire within the test.
+    d = Daemon(tmp_root / "dev", config="max_command_lifetime_s = 4\nclock_skew_s = 2\n")
+    d.start()
+    try:
+        replay = d.dir / "state" / "replay.jsonl"
+
+        def entries() -> int:
+            return len(replay.read_text().splitlines()) - 1
+
+        def fill(cmd: agentd_pb2.Command) -> None:
+            cmd.run.name = "short-lived"
+            cmd.run.argv.extend([AGENT_PYTHON, str(hostile / "ignore_term.py")])
+
+        d.stub.Run(d.signed(fill, d.keys.operator, lifetime=4), timeout=30)
+        kill = _kill_cmd(d, "short-lived", lifetime=4)
+        assert d.stub.Kill(_signed(d, kill), timeout=30).verified_empty
+        assert entries() == 2
+        # Kept until expiry + window, dropped at the next prune (every window).
+        assert wait_for(lambda: entries() == 0, 90, interval=0.5), replay.read_text()
+        assert d.proc is not None and d.proc.poll() is None  # no restart
+    finally:
+        d.stop()

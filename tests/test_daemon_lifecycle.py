@@ -247,3 +247,15 @@ def test_stuck_process_is_reported_not_waited_on(tmp_root: Path, hostile: Path) 
         if freezer is not None and freezer.exists():
             (freezer / "freezer.state").write_text("THAWED")
         d.stop()
+
+
+def test_every_stop_verifies_the_audit_chain(tmp_root: Path) -> None:
+    """The harness checks each daemon's chain when it stops; breaking it needs an opt-out."""
+    d = Daemon(tmp_root / "dev", verify_audit=False).start()
+    assert d.stop() == 0
+    d.check_audit_chain()  # what every other stop does
+    lines = d.audit_log.read_bytes().splitlines(keepends=True)
+    lines[0] = lines[0].replace(b'"daemon_start"', b'"daemon_stArt"')
+    d.audit_log.write_bytes(b"".join(lines))
+    with pytest.raises(AssertionError, match="does not verify"):
+        d.check_audit_chain()

@@ -183,6 +183,17 @@ def test_daemon_sigstopped_guardian_kills_every_agent(tmp_root: Path, hostile: P
         for a in agents:
             assert wait_for(lambda a=a: d.get(a.name).state in ENDED, 10), d.get(a.name)
             assert d.get(a.name).exit_signal == signal.SIGKILL
+            # Labelled as the guardian's doing, not a plain death by signal.
+            assert d.get(a.name).end_reason == "guardian"
+            assert d.get(a.name).state == agentd_pb2.AGENT_STATE_KILLED
+
+        def ended() -> dict[str, object]:
+            return {str(r["agent_id"]): r["end_reason"] for r in d.audit_records()
+                    if r["event"] == "agent_ended"}
+
+        # agent_ended is audited just after the state changes.
+        assert wait_for(lambda: len(ended()) == len(agents), 10), ended()
+        assert ended() == {a.id: "guardian" for a in agents}
         assert d.stop() == 0
         d.start()
         killed = [r for r in d.audit_records() if r["event"] == "guardian_killed"]
@@ -505,6 +516,35 @@ def test_guardian_with_nothing_to_kill_still_reports(report_dir: Path) -> None:
         assert g.wait()[0] == 0
         report = _report(report_dir)
         assert report["reason"] == "daemon_died" and report["cgroups"] == []
+    finally:
+        g.end()
+
+
+def test_guardian_that_cannot_write_its_report_exits_1_and_says_it(report_dir: Path) -> None:
+    """Acted, but the report is lost: exit 1, and the report goes to stderr for the journal."""
+    missing = report_dir / "no-such-dir"
+    g = _Run(Path("/sys/fs/cgroup/no-such-agentd-subtree"), missing, 600.0)
+    try:
+        assert g.ready == ARMED
+        g.close()
+        code, err = g.wait()
+        assert code == 1, err
+        assert "CANNOT WRITE REPORT" in err and '"reason": "daemon_died"' in err, err
+        assert list(report_dir.iterdir()) == []
+    finally:
+        g.end()
+
+
+def test_guardian_that_cannot_arm_says_why_and_exits_2(report_dir: Path) -> None:
+    """A heartbeat fd it was not given: it refuses to arm rather than watch nothing."""
+    unopened = 1000  # above anything this test or the guardian has open
+    g = _Run(report_dir, report_dir, 600.0, heartbeat_fd=unopened)
+    try:
+        assert g.ready.startswith(b"cannot arm: "), g.ready
+        assert b"Bad file descriptor" in g.ready
+        code, err = g.wait()
+        assert code == 2, err
+        assert list(report_dir.iterdir()) == []
     finally:
         g.end()
 

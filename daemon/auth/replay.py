@@ -77,9 +77,11 @@ class ReplayCache:
         # lifetime, a few hundred small entries).
         self._retain_s = window_s
         self._lock = threading.Lock()  # guards the dicts and _pending: no I/O under it
-        self._io_lock = threading.Lock()  # serialises appends to the file
+        self._io_lock = threading.Lock()  # serialises appends and rewrites of the file
         self._ids: dict[bytes, float] = {}
         self._hashes: dict[bytes, float] = {}
+        # Every entry kept, written or pending, oldest first: what prune() rewrites.
+        self._entries: list[_Entry] = list(entries)
         self._pending: list[_Entry] = []
         self._degraded_until = degraded_until
         self._degraded_why = degraded_why
@@ -174,7 +176,9 @@ class ReplayCache:
             if not refuse_degraded and not replayed:
                 self._ids[command_id] = expires_at
                 self._hashes[payload_sha256] = expires_at
-                self._pending.append(_Entry(command_id, payload_sha256, expires_at))
+                entry = _Entry(command_id, payload_sha256, expires_at)
+                self._entries.append(entry)
+                self._pending.append(entry)
         if refuse_degraded:
             assert until is not None
             raise ReplayCacheDegraded(
@@ -212,14 +216,39 @@ class ReplayCache:
                     "refused until it can (a restart would forget these commands)"
                 ) from err
 
-    def prune(self, now: float) -> None:
-        """Forget entries that can no longer be replayed (past expires_at + window)."""
-        with self._lock:
-            if self._degraded_until is not None and now >= self._degraded_until:
-                self._degraded_until = None
-            horizon = now - self._retain_s
-            self._ids = {k: exp for k, exp in self._ids.items() if exp >= horizon}
-            self._hashes = {k: exp for k, exp in self._hashes.items() if exp >= horizon}
+    def prune(self, now: float) -> int:
+        """Forget entries that can no longer be replayed (past expires_at + window).
+
+        Rewrites the file without them (tmp, fsync, rename), so it stays as
+        small as the last window's commands on a daemon that runs for months.
+        Does nothing to the file when nothing expired. Call it rarely, and
+        off the kill path: a kill's persist() waits for the rewrite (its
+        check_and_reserve() does not). Returns how many entries were dropped.
+
+        Raises ReplayCacheIOError when the file cannot be rewritten; the old
+        file stays, and no entry is lost.
+        """
+        with self._io_lock:
+            with self._lock:
+                if self._degraded_until is not None and now >= self._degraded_until:
+                    self._degraded_until = None
+                horizon = now - self._retain_s
+                keep = [e for e in self._entries if e.expires_at >= horizon]
+                dropped = len(self._entries) - len(keep)
+                if not dropped:
+                    return 0
+                self._entries = keep
+                self._ids = {e.command_id: e.expires_at for e in keep}
+                self._hashes = {e.payload_sha256: e.expires_at for e in keep}
+                # The rewrite holds the pending entries too.
+                batch, self._pending = self._pending, []
+            try:
+                _write_atomically(self.path, keep)
+            except ReplayCacheIOError:
+                with self._lock:
+                    self._pending = batch + self._pending
+                raise
+        return dropped
 
 
 def _parse(data: bytes) -> list[_Entry]:

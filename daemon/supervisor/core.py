@@ -9,8 +9,10 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
 import threading
 import time
+from collections.abc import Callable
 
 from agentd.v1 import agentd_pb2
 
@@ -69,6 +71,12 @@ class Supervisor:
         # Dynamic uids handed out to launches still starting (under _launch_lock).
         self._reserved_uids: set[int] = set()
         self.policies = Policies(cfg)
+        # Whether the guardian has killed every agent cgroup (attach_guardian).
+        self._guardian_acted: Callable[[], bool] = lambda: False
+
+    def attach_guardian(self, acted: Callable[[], bool]) -> None:
+        """Label agents the guardian killed: `acted` says it exited having killed them all."""
+        self._guardian_acted = acted
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> list[str]:
@@ -365,6 +373,13 @@ class Supervisor:
         except CgroupError:
             log.exception("finalising agent %s", agent.id)
         agent.oom_kills = group.oom_kills()
+        if (agent.exit_signal == signal.SIGKILL and not agent.kill_requested
+                and not agent.oom_kills and self._guardian_acted()):
+            # Nobody here asked for this SIGKILL and the guardian has acted
+            # (it kills every agent cgroup, then exits). An end seen before
+            # it exits keeps its plain label; the guardian's report, audited
+            # at the next start, names every cgroup it killed either way.
+            agent.request_end("guardian")
         # bwrap's inner process, orphaned by the outer one's death: reaped now
         # rather than at the reactor's next pass.
         children.reap_orphans()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import shutil
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,3 +127,17 @@ def now() -> float:
 def host() -> str:
     """The host id of the daemon under test."""
     return HOST
+
+
+@pytest.fixture
+def ssh_keygen() -> str:
+    """The path of ssh-keygen; fails (never skips) when it is missing.
+
+    Keys made by OpenSSH are what operators use: a missing tool must not
+    quietly drop those tests. `make deps` installs openssh-client.
+    """
+    path = shutil.which("ssh-keygen")
+    if path is None:
+        pytest.fail("ssh-keygen is not installed: install openssh-client ('make deps')",
+                    pytrace=False)
+    return path

@@ -336,6 +336,29 @@ def test_restart_with_a_lagging_head_catches_up(log_path: Path) -> None:
     assert not list(log_path.parent.glob("*.broken-*"))
 
 
+def test_a_head_lagging_by_more_than_one_record_is_refused(log_path: Path) -> None:
+    """Only a crash between one append and its head update may leave records beyond the head."""
+    with AuditLog.open(log_path, clock=_clock()) as log:
+        _fill(log, 2)
+        stale = log.head  # seq 1: two records
+        _fill(log, 2)  # two more: the head will lag by two
+    head_path(log_path).write_bytes(auditchain.encode_head(*stale))
+
+    with AuditLog.open(log_path, clock=_clock()) as log:
+        assert log.head[0] == 0  # not adopted: a new chain
+
+    aside = log_path.with_name(f"audit.log.broken-{int(T0.timestamp())}")
+    first = json.loads(_lines(log_path)[0])
+    assert first["event"] == "audit_chain_broken"
+    assert first["broken_log"] == str(aside)
+    assert first["problems"] == [
+        f"{log_path} has 4 records but its head file {head_path(log_path)} says 2: 2 records "
+        "beyond the head, more than the one a crash can leave; they were appended by "
+        "something other than agentd, or the head file was replaced by an older one"
+    ]
+    assert len(_lines(aside)) == 4
+
+
 def test_a_broken_log_is_moved_aside_and_the_new_chain_says_so(log_path: Path) -> None:
     with AuditLog.open(log_path, clock=_clock()) as log:
         _fill(log, 10)

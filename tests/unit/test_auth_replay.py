@@ -113,13 +113,67 @@ def test_expired_entries_are_pruned_on_reopen(cache: ReplayCache, path: Path) ->
     _reserve(reopened, 1, now=later)  # forgotten, and harmless: verify() refuses it as expired
 
 
-def test_prune_drops_old_entries_from_memory(cache: ReplayCache) -> None:
+def _ids_in(path: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in path.read_text().splitlines()[1:]]
+
+
+def test_prune_drops_old_entries_from_memory_and_the_file(cache: ReplayCache,
+                                                           path: Path) -> None:
     _reserve(cache, 1, now=NOW)
     _reserve(cache, 2, now=NOW + 500)
-    cache.prune(NOW + 300 + WINDOW)
+    cache.persist()
+    assert cache.prune(NOW + 300 + WINDOW) == 0
     assert len(cache) == 2  # exactly at the horizon: kept
-    cache.prune(NOW + 300 + WINDOW + 1)
+    assert len(_ids_in(path)) == 2
+    assert cache.prune(NOW + 300 + WINDOW + 1) == 1
     assert len(cache) == 1
+    # Without a restart: the file no longer holds entry 1.
+    assert _ids_in(path) == [(2).to_bytes(16, "big").hex()]
+    assert path.read_text().splitlines()[0] == '{"agentd_replay": 1}'
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    _reserve(cache, 1, now=NOW + 300 + WINDOW + 1)  # forgotten (verify() refuses it as expired)
+    with pytest.raises(Replayed):
+        _reserve(cache, 2, now=NOW + 300 + WINDOW + 1)
+
+
+def test_prune_with_nothing_expired_leaves_the_file_alone(cache: ReplayCache,
+                                                          path: Path) -> None:
+    _reserve(cache, 1)
+    cache.persist()
+    before = path.stat()
+    assert cache.prune(NOW + 1) == 0
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_prune_writes_pending_entries_and_persist_does_not_repeat_them(
+        cache: ReplayCache, path: Path) -> None:
+    _reserve(cache, 1, now=NOW)
+    cache.persist()
+    later = NOW + 300 + WINDOW + 1
+    _reserve(cache, 2, now=later)  # accepted, not yet persisted
+    assert cache.prune(later) == 1
+    assert _ids_in(path) == [(2).to_bytes(16, "big").hex()]
+    cache.persist()
+    assert _ids_in(path) == [(2).to_bytes(16, "big").hex()]
+    reopened = ReplayCache.open(path, now=later, window_s=WINDOW, fresh=False)
+    with pytest.raises(Replayed):
+        _reserve(reopened, 2, now=later)
+
+
+def test_prune_that_cannot_rewrite_loses_nothing(cache: ReplayCache, path: Path) -> None:
+    _reserve(cache, 1, now=NOW)
+    cache.persist()
+    later = NOW + 300 + WINDOW + 1
+    _reserve(cache, 2, now=later)
+    # The rewrite's temporary file cannot be created: a directory is in its place.
+    (path.parent / f".{path.name}.tmp").mkdir()
+    with pytest.raises(ReplayCacheIOError, match="cannot be written"):
+        cache.prune(later)
+    assert len(_ids_in(path)) == 1  # the old file, intact
+    (path.parent / f".{path.name}.tmp").rmdir()
+    cache.persist()  # entry 2 is still queued
+    assert _ids_in(path)[-1] == (2).to_bytes(16, "big").hex()
 
 
 def _corrupt(path: Path, data: bytes) -> ReplayCache:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,14 +22,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from daemon.auth import Limits, TrustStore, verify
 
-SSH_KEYGEN = shutil.which("ssh-keygen")
-needs_ssh_keygen = pytest.mark.skipif(SSH_KEYGEN is None, reason="ssh-keygen is not installed")
 
-
-def _keygen(path: Path, passphrase: str, key_type: str = "ed25519") -> Path:
-    assert SSH_KEYGEN is not None
+def _keygen(ssh_keygen: str, path: Path, passphrase: str, key_type: str = "ed25519") -> Path:
     subprocess.run(
-        [SSH_KEYGEN, "-q", "-t", key_type, "-N", passphrase, "-C", "test@host", "-f", str(path)],
+        [ssh_keygen, "-q", "-t", key_type, "-N", passphrase, "-C", "test@host", "-f", str(path)],
         check=True,
         capture_output=True,
     )
@@ -130,9 +125,8 @@ def test_public_key_line_parses_in_trust_store(alice) -> None:
         public_key_line(alice.key, "x\nmallory admin ssh-ed25519 AAAA")
 
 
-@needs_ssh_keygen
-def test_load_ssh_keygen_key(tmp_path: Path) -> None:
-    path = _keygen(tmp_path / "id_ed25519", "")
+def test_load_ssh_keygen_key(tmp_path: Path, ssh_keygen: str) -> None:
+    path = _keygen(ssh_keygen, tmp_path / "id_ed25519", "")
     key = load_private_key(path)
     pub = (tmp_path / "id_ed25519.pub").read_text().split()
     assert public_key_line(key) == f"{pub[0]} {pub[1]}"
@@ -140,9 +134,8 @@ def test_load_ssh_keygen_key(tmp_path: Path) -> None:
     assert load_private_key(path, b"unused").private_bytes_raw() == key.private_bytes_raw()
 
 
-@needs_ssh_keygen
-def test_load_encrypted_ssh_keygen_key(tmp_path: Path) -> None:
-    path = _keygen(tmp_path / "id_ed25519", "correct horse")
+def test_load_encrypted_ssh_keygen_key(tmp_path: Path, ssh_keygen: str) -> None:
+    path = _keygen(ssh_keygen, tmp_path / "id_ed25519", "correct horse")
     key = load_private_key(path, b"correct horse")
     assert isinstance(key, Ed25519PrivateKey)
     with pytest.raises(ValueError) as info:
@@ -152,9 +145,8 @@ def test_load_encrypted_ssh_keygen_key(tmp_path: Path) -> None:
         load_private_key(path, b"wrong")
 
 
-@needs_ssh_keygen
-def test_rsa_key_is_refused(tmp_path: Path) -> None:
-    path = _keygen(tmp_path / "id_rsa", "", key_type="rsa")
+def test_rsa_key_is_refused(tmp_path: Path, ssh_keygen: str) -> None:
+    path = _keygen(ssh_keygen, tmp_path / "id_rsa", "", key_type="rsa")
     with pytest.raises(ValueError, match=r"is a RSAPrivateKey; agentd needs an Ed25519 key"):
         load_private_key(path)
 

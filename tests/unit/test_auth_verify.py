@@ -93,6 +93,41 @@ def test_maximum_lifetime_is_accepted(check, signed, bob, now) -> None:
     assert check(env).expires_at - check(env).issued_at == pytest.approx(300.0)
 
 
+def test_exactly_the_maximum_number_of_signatures_is_accepted(check, signed, bob) -> None:
+    env = signed(bob)
+    for _ in range(7):  # 8 in all; untrusted co-signers are ignored
+        env = cosign(env, Ed25519PrivateKey.generate())
+    assert len(env.signatures) == Limits().max_signatures == 8
+    assert check(env).principals == ("bob",)
+
+
+@pytest.mark.parametrize("at", [-60.0, 300.0 + 60.0], ids=["issued-at-skew", "expired-at-skew"])
+def test_skew_edges_are_accepted(check, signed, bob, now, at: float) -> None:
+    # Issued at now (whole seconds), expires at now + 300: exactly the skew off.
+    check(signed(bob), at=now + at)
+
+
+def test_one_millisecond_past_the_skew_is_refused(check, signed, bob, now) -> None:
+    env = signed(bob)
+    with pytest.raises(NotYetValid):
+        check(env, at=now - 60.001)
+    with pytest.raises(Expired):
+        check(env, at=now + 300 + 60.001)
+
+
+@pytest.mark.parametrize(("lifetime", "ok"), [
+    (300.0, True), (300.0005, True),  # within the rounding allowance of 1 ms
+    (300.002, False), (301.0, False),
+])
+def test_lifetime_edges(check, signed, bob, lifetime: float, ok: bool) -> None:
+    env = signed(bob, lifetime_s=lifetime)
+    if ok:
+        check(env)
+    else:
+        with pytest.raises(InvalidArgument, match="exceeds the daemon's maximum of 300s"):
+            check(env)
+
+
 # ----------------------------------------------------------------- refused
 
 
@@ -248,6 +283,39 @@ def test_unknown_fields_are_refused(check, command, bob) -> None:
     env = _resign(agentd_pb2.Envelope(payload=payload, payload_type=COMMAND_PAYLOAD_TYPE), bob.key)
     with pytest.raises(MalformedCommand, match=r"does not understand \(field numbers 19\)"):
         check(env)
+
+
+@pytest.mark.parametrize("where", ["kill", "run.resources", "issued_at"])
+def test_unknown_fields_nested_in_a_message_are_refused(check, command, bob,
+                                                          where: str) -> None:
+    """A restriction the daemon cannot read may sit at any depth: all are looked for."""
+    action = "kill" if where == "issued_at" else where.split(".", maxsplit=1)[0]
+    cmd = command(action)
+    inner = cmd
+    for name in where.split("."):
+        inner = getattr(inner, name)
+    inner.MergeFromString(b"\x98\x01\x01")  # field 19, varint 1: unknown there
+    env = sign_command(cmd, bob.key)
+    with pytest.raises(MalformedCommand, match=r"does not understand \(field numbers 19\)"):
+        check(env, action)
+
+
+@pytest.mark.parametrize(("field", "nanos"), [
+    ("issued_at", 1_000_000_000), ("issued_at", -1), ("expires_at", 1_000_000_000),
+    ("expires_at", -1),
+])
+def test_out_of_range_nanos_are_refused(check, command, bob, field: str, nanos: int) -> None:
+    cmd = command("kill")
+    getattr(cmd, field).nanos = nanos
+    with pytest.raises(MalformedCommand) as info:
+        check(sign_command(cmd, bob.key))
+    assert info.value.message == f"{field} has nanos {nanos}, outside 0..999999999"
+
+
+def test_largest_nanos_is_accepted(check, command, bob, now) -> None:
+    cmd = command("kill")
+    cmd.issued_at.nanos = 999_999_999
+    assert check(sign_command(cmd, bob.key)).issued_at == pytest.approx(now + 1)
 
 
 def test_repeated_signature_entry_counts_once(check, signed, bob) -> None:

@@ -26,11 +26,11 @@ from typing import Any
 import click
 import grpc
 import pytest
-from agentd import dsse, signing
+from agentd import signing
 from agentd.v1 import agentd_pb2, agentd_pb2_grpc
 from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from agentctl import client as client_mod
@@ -39,6 +39,7 @@ from agentctl.cli import cli
 from agentctl.client import stop_deadline
 from agentctl.context import Settings
 from daemon.audit import AuditLog
+from daemon.auth import Limits, TrustStore, verify
 
 NOW = 1_750_000_000.0
 HOST = "host-test"
@@ -97,16 +98,23 @@ def _envelope(result: Result) -> tuple[agentd_pb2.Envelope, agentd_pb2.Command]:
 
 
 def _assert_signed_by(
-    env: agentd_pb2.Envelope, key_path: Path, passphrase: bytes | None = None
+    env: agentd_pb2.Envelope, key_path: Path, passphrase: bytes | None = None, *,
+    audience: str = "h",
 ) -> None:
-    """Verify the envelope the way the daemon does: Ed25519 over DSSE PAE of the raw bytes."""
-    raw = signing.load_private_key(key_path, passphrase).public_key().public_bytes_raw()
-    assert env.payload_type == dsse.COMMAND_PAYLOAD_TYPE
+    """Verify the envelope with the daemon's own verify(), trusting only this key.
+
+    The command must carry exactly one signature, by this key, addressed to
+    *audience* and valid at the fixed clock NOW.
+    """
+    key = signing.load_private_key(key_path, passphrase)
+    trust = TrustStore.parse(f"signer admin {signing.public_key_line(key, 'signer@test')}\n",
+                             "test trust store")
     assert len(env.signatures) == 1
-    assert env.signatures[0].keyid == hashlib.sha256(raw).digest()
-    Ed25519PublicKey.from_public_bytes(raw).verify(
-        env.signatures[0].sig, dsse.pae(env.payload_type, env.payload)
-    )
+    action = agentd_pb2.Command.FromString(env.payload).WhichOneof("action")
+    assert action is not None
+    vc = verify(env, trust=trust, audience=audience, expected_action=action, now=NOW,
+                limits=Limits())
+    assert vc.principals == ("signer",)
 
 
 # ------------------------------------------------------------------- keygen
@@ -134,13 +142,12 @@ def test_keygen_writes_an_openssh_key_pair(tmp_path: Path) -> None:
     assert signing.public_key_line(key, "alice@host") + "\n" == pub_line
 
 
-@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
-def test_keygen_output_is_readable_by_ssh_keygen(tmp_path: Path) -> None:
+def test_keygen_output_is_readable_by_ssh_keygen(tmp_path: Path, ssh_keygen: str) -> None:
     out = tmp_path / "k"
     assert invoke(["keygen", "-o", str(out), "-C", "x@y"]).exit_code == 0
 
     derived = subprocess.run(
-        ["ssh-keygen", "-y", "-f", str(out)], capture_output=True, text=True, check=True
+        [ssh_keygen, "-y", "-f", str(out)], capture_output=True, text=True, check=True
     )
 
     assert derived.stdout.split()[:2] == (tmp_path / "k.pub").read_text().split()[:2]
@@ -229,7 +236,7 @@ def test_kill_sign_only_makes_a_verifiable_envelope(key_file: Path) -> None:
     )
 
     env, cmd = _envelope(result)
-    _assert_signed_by(env, key_file)
+    _assert_signed_by(env, key_file, audience="host-a")
     assert cmd.WhichOneof("action") == "kill"
     assert cmd.kill.name == "rogue"
     assert cmd.audience == "host-a"
@@ -248,7 +255,7 @@ def test_run_sign_only_carries_argv_and_limits(key_file: Path) -> None:
     )
 
     env, cmd = _envelope(result)
-    _assert_signed_by(env, key_file)
+    _assert_signed_by(env, key_file, audience="host-a")
     assert cmd.run.name == "agent-1"
     assert cmd.run.user == "agent"
     # Everything after the command is the agent's, even what looks like our options.
@@ -262,8 +269,9 @@ def test_run_sign_only_carries_argv_and_limits(key_file: Path) -> None:
 def test_stop_sign_only_with_and_without_grace(key_file: Path) -> None:
     base = ["--key", str(key_file), "stop", "rogue", "--sign-only", "--audience", "h"]
 
-    _, with_grace = _envelope(invoke([*base, "--grace", "500ms"]))
+    env, with_grace = _envelope(invoke([*base, "--grace", "500ms"]))
     _, without = _envelope(invoke(base))
+    _assert_signed_by(env, key_file)
 
     assert with_grace.stop.grace_ms == 500
     assert not without.stop.HasField("grace_ms")
@@ -326,12 +334,11 @@ def test_encrypted_key_takes_the_passphrase_from_the_environment(tmp_path: Path)
     )
 
 
-@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
 @pytest.mark.parametrize("passphrase", ["", "correct horse"])
-def test_keys_made_by_ssh_keygen_work(tmp_path: Path, passphrase: str) -> None:
+def test_keys_made_by_ssh_keygen_work(tmp_path: Path, passphrase: str, ssh_keygen: str) -> None:
     path = tmp_path / "id_ed25519"
     subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-C", "op@laptop",
+        [ssh_keygen, "-q", "-t", "ed25519", "-N", passphrase, "-C", "op@laptop",
          "-f", str(path)],
         check=True,
     )
@@ -746,7 +753,7 @@ def test_kill_prints_the_exact_result(fake: tuple[FakeAgentd, Path], key_file: P
     )
     (rpc, env, remaining), = servicer.received
     assert rpc == "Kill"
-    _assert_signed_by(env, key_file)
+    _assert_signed_by(env, key_file, audience=HOST)
     cmd = agentd_pb2.Command.FromString(env.payload)
     assert cmd.audience == HOST  # from Info
     # The deadline as the server saw it (a little slack for clock rounding).
@@ -1002,6 +1009,7 @@ def test_send_picks_the_rpc_from_the_payload(
     (rpc, env, _), = servicer.received
     assert rpc == "Stop"
     assert env == signing.envelope_from_json(signed.stdout)
+    _assert_signed_by(env, key_file, audience=HOST)
 
 
 def test_audit_verify_against_the_daemons_head(
