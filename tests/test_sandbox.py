@@ -310,6 +310,31 @@ def test_entrypoint_pin_mismatch_is_refused_and_both_hashes_audited(sd: Daemon) 
     assert accepted[-1]["entrypoint_sha256"] == real
 
 
+def test_entrypoint_pin_covers_the_program_the_agents_path_finds(sd: Daemon) -> None:
+    """--env PATH=DIR with another python3 in DIR: the pin judges, and bwrap execs, that file."""
+    real = hashlib.sha256(Path(AGENT_PYTHON).resolve().read_bytes()).hexdigest()
+    evil = sd.dir.parent / "evil-path"  # under /srv: the sandbox shows it read-only
+    evil.mkdir(mode=0o755, exist_ok=True)
+    impostor = evil / "python3"
+    impostor.write_text("#!/bin/sh\necho IMPOSTOR RAN\n")
+    impostor.chmod(0o755)
+    pinned = agentd_pb2.PolicyOverrides(entrypoint_sha256=real, env=[f"PATH={evil}"])
+    with pytest.raises(grpc.RpcError) as exc:
+        sd.run(_name("pathpin"), ["python3", "-c", "print('PINNED RAN')"], overrides=pinned)
+    code, msg = _refused(exc)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, msg
+    assert str(impostor) in msg and real in msg
+    # Unpinned, the run names and execs the file it hashed, by its absolute path.
+    agent = sd.run(_name("pathpin"), ["python3", "-c", "pass"],
+                   overrides=agentd_pb2.PolicyOverrides(env=[f"PATH={evil}"]))
+    assert wait_for(lambda: sd.get(agent.name).state == agentd_pb2.AGENT_STATE_EXITED, 20)
+    assert Path(agent.stdout_log).read_text() == "IMPOSTOR RAN\n"
+    assert agent.sandbox.entrypoint_sha256 == hashlib.sha256(impostor.read_bytes()).hexdigest()
+    accepted = [r for r in sd.audit_records() if r.get("decision") == "accepted"
+                and r.get("target") == agent.name]
+    assert accepted[-1]["entrypoint"] == str(impostor)
+
+
 # ---------------------------------------------------------------- policies
 def test_named_policies_unknown_names_and_broken_files(sd: Daemon) -> None:
     policies = sd.dir / "policies"

@@ -99,8 +99,15 @@ class Prepared:
 
 def prepare(cfg: Config, spec: RunSpec, user: AgentUser, argv: list[str], *,
             name: str, agent_id: str) -> Prepared:
-    """bwrap's command line and the agent's environment. Raises LaunchFailed."""
+    """bwrap's command line and the agent's environment. Raises LaunchFailed.
+
+    argv[0] is replaced by spec.entrypoint.path, the absolute path that was
+    resolved and hashed: bwrap then execs that file and searches no PATH.
+    """
     bwrap.require()
+    if not os.path.isabs(spec.entrypoint.path):
+        raise LaunchFailed(f"cannot exec {argv[0]}: {spec.entrypoint.error or 'not resolved'}")
+    argv = [spec.entrypoint.path, *argv[1:]]
     base = {"PATH": cfg.agent_path, "HOME": SCRATCH, "USER": user.login, "LOGNAME": user.login,
             "LANG": "C.UTF-8", "TMPDIR": TMP}
     env = agent_env(spec.profile, base, spec.env,
