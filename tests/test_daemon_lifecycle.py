@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -247,3 +249,68 @@ def test_stuck_process_is_reported_not_waited_on(tmp_root: Path, hostile: Path) 
         if freezer is not None and freezer.exists():
             (freezer / "freezer.state").write_text("THAWED")
         d.stop()
+
+
+# ------------------------------------------------------- the dev directory
+def _plant(case: str, d: Path, victim: Path) -> Path:
+    """Make case's flaw in dev directory d; the path the error must name."""
+    if case == "parent writable":
+        d.parent.chmod(0o777)  # not sticky: anyone could swap d for their own
+        return d.parent
+    if case == "parent not root's":
+        os.chown(d.parent, 65534, 65534)
+        return d.parent
+    if case == "dir writable":
+        d.chmod(0o770)
+        return d
+    if case == "trusted_keys writable":
+        (d / "trusted_keys").chmod(0o620)
+        return d / "trusted_keys"
+    if case == "agentd.toml not root's":
+        (d / "agentd.toml").write_text('detector_command = "/bin/true"\n')
+        os.chown(d / "agentd.toml", 65534, 65534)
+        return d / "agentd.toml"
+    # Root would truncate what the symlink names when it writes the audit head.
+    (d / "audit.log.head.tmp").symlink_to(victim)
+    return d / "audit.log.head.tmp"
+
+
+@pytest.mark.parametrize("case", ["parent writable", "parent not root's", "dir writable",
+                                  "trusted_keys writable", "agentd.toml not root's",
+                                  "symlink planted"])
+def test_a_dev_directory_others_can_change_is_refused(tmp_root: Path, case: str) -> None:
+    """sshd's StrictModes: DIR, what is in it and every parent must be root's alone."""
+    from tests.harness import REPO
+
+    parent = tmp_root / "parent"
+    parent.mkdir(mode=0o755)
+    d = parent / "dev"
+    d.mkdir(mode=0o750)
+    (d / "trusted_keys").write_text("# none\n")
+    (d / "trusted_keys").chmod(0o600)
+    victim = tmp_root / "victim"
+    victim.write_text("precious\n")
+    named = _plant(case, d, victim)
+    try:
+        done = subprocess.run([sys.executable, "-m", "daemon.main", "--dev", str(d)],
+                              cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        parent.chmod(0o755)
+        os.chown(parent, 0, 0)
+    assert done.returncode == 1, done.stderr
+    err = done.stderr
+    fix = {"parent writable": f"chmod go-w {named}", "dir writable": f"chmod go-w {named}",
+           "trusted_keys writable": f"chmod go-w {named}", "parent not root's":
+           f"chown root {named}", "agentd.toml not root's": f"chown root {named}",
+           "symlink planted": f"{named} is a symbolic link"}[case]
+    assert fix in err, err
+    assert victim.read_text() == "precious\n"
+    assert not (d / "agentd.sock").exists() and not (d / "state").exists()
+
+
+def test_a_dev_directory_under_sticky_tmp_is_accepted(fresh_daemon: Daemon) -> None:
+    """/tmp is world-writable but sticky: a root 0750 DIR below a root 0700 one is safe."""
+    tmp = os.stat("/tmp")
+    assert tmp.st_mode & stat.S_ISVTX and tmp.st_mode & stat.S_IWOTH
+    assert str(fresh_daemon.dir).startswith("/tmp/")
+    assert fresh_daemon.stub.Info(agentd_pb2.InfoRequest(), timeout=30).host_id
