@@ -254,12 +254,17 @@ class Supervisor:
                 spec: runspec.RunSpec) -> Agent:
         agent_id = f"{action.name}-{secrets.token_hex(4)}"
         group = self.tree.agent(agent_id)
+        sinks: list[LogSink] = []
         try:
             group.create()
             group.apply_limits(spec.limits)
             self.cfg.log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
             stdout_log = self.cfg.log_dir / f"{agent_id}.stdout.log"
             stderr_log = self.cfg.log_dir / f"{agent_id}.stderr.log"
+            # Made before the spawn: a log that cannot be made refuses the
+            # run (LaunchFailed) instead of leaving a started agent unwatched.
+            sinks.append(LogSink(stdout_log, self.cfg.log_cap_bytes))
+            sinks.append(LogSink(stderr_log, self.cfg.log_cap_bytes))
             # The shim joins the cgroups and drops to the agent's user, then
             # execs bwrap, which builds the sandbox unprivileged (daemon.sandbox).
             prepared = sandboxing.prepare(self.cfg, spec, user, list(action.argv),
@@ -273,6 +278,8 @@ class Supervisor:
                 raise
             prepared.close_ours()
         except BaseException:
+            for sink in sinks:
+                sink.close()
             self._discard_cgroup(group)
             raise
         started = time.monotonic()
@@ -284,11 +291,10 @@ class Supervisor:
             started_at=launcher.proc_start_time(pid), lease_ttl_ms=spec.lease_ms,
             max_runtime_ms=spec.max_runtime_ms, helper_pids=frozenset({pid}),
         )
-        cap = self.cfg.log_cap_bytes
-        self.reactor.watch_output(spawned.stdout_fd,
-                                  LogSink(stdout_log, cap, self.tripwires.tap(agent, "stdout")))
-        self.reactor.watch_output(spawned.stderr_fd,
-                                  LogSink(stderr_log, cap, self.tripwires.tap(agent, "stderr")))
+        for sink, stream, fd in ((sinks[0], "stdout", spawned.stdout_fd),
+                                 (sinks[1], "stderr", spawned.stderr_fd)):
+            sink.tap = self.tripwires.tap(agent, stream)
+            self.reactor.watch_output(fd, sink)
         if spec.lease_ms:
             self.enforcer.set(agent, "lease", started + spec.lease_ms / 1000)
         if spec.max_runtime_ms:
