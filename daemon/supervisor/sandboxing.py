@@ -31,10 +31,16 @@ _STATUS_CAP = 4096
 
 
 def hidden(cfg: Config) -> list[Hidden]:
-    """The daemon's files no agent may see: state (logs included), trust store, audit, socket."""
+    """The daemon's files no agent may see: state (logs included), trust store, audit, socket,
+    policies, and the tripwire rules (which say what an agent's output must avoid)."""
     paths: list[tuple[Path, bool]] = [
         (cfg.state_dir, False), (cfg.trust_store, True), (cfg.audit_log, True),
         (cfg.socket_path, True), (cfg.policy_dir, False)]
+    if cfg.rules_file:
+        # Its whole directory where that is the daemon's own (as for the
+        # trust store): a file-only mask is lost when an editor renames a
+        # new version over the file, which detaches mounts on it elsewhere.
+        paths.append((Path(cfg.rules_file), True))
     if cfg.dev:
         paths.append((cfg.state_dir.parent, False))
     return bwrap.hidden_paths(paths)
