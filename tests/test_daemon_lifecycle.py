@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
@@ -215,6 +216,36 @@ def test_fallback_kill_without_cgroup_kill(tmp_root: Path, hostile: Path, mode: 
         assert result.verified_empty and result.processes_killed == 2 + SANDBOX_PROCS
     finally:
         d.stop()
+
+
+def test_the_fallback_kill_never_signals_a_pid_that_left_the_cgroup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between reading cgroup.procs and the signal a pid may be reused outside the cgroup
+    (the fallback's freeze is not waited for long). Such a read is simulated: pids() also
+    names an outsider; the rest is the real kernel. Only members may be killed."""
+    from daemon.cgroups.tree import FALLBACK_METHOD
+    from tests.conftest import ROOT_REASON
+    from tests.scratch_agents import ScratchAgents
+
+    if ROOT_REASON:
+        pytest.skip(ROOT_REASON)
+    scratch = ScratchAgents()
+    outsider = subprocess.Popen(["/bin/sleep", "600"])
+    try:
+        agent = scratch.spawn(["/bin/sleep", "600"], name="fallback")
+        scratch.tree.has_cgroup_kill = False  # as on a kernel before 5.14
+        group = agent.cgroup
+        real = group.pids
+        monkeypatch.setattr(group, "pids", lambda: [*real(), outsider.pid])
+        assert group.kill() == FALLBACK_METHOD
+        assert group.wait_empty(time.monotonic() + 30)
+        assert agent.proc.wait(timeout=30) == -signal.SIGKILL
+        assert outsider.poll() is None, "the fallback killed a process outside the cgroup"
+        monkeypatch.undo()
+    finally:
+        outsider.kill()
+        outsider.wait()
+        scratch.close()
 
 
 def test_stuck_process_is_reported_not_waited_on(tmp_root: Path, hostile: Path) -> None:
