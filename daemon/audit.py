@@ -267,7 +267,8 @@ class AuditLog:
         head = auditchain.head_path(self._path)
         tmp = head.with_name(head.name + ".tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         0o600)
             try:
                 os.write(fd, auditchain.encode_head(*self._head))
                 os.fsync(fd)

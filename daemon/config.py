@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from daemon import strictmodes
 from daemon.errors import ConfigError
 
 
@@ -170,6 +171,8 @@ def dev(directory: Path, *, user: str | None = None, **overrides: Any) -> Config
     directory's.
     """
     d = directory.resolve()
+    # Before anything in it is read: root must not trust what others can plant.
+    strictmodes.check(d)
     base = load(d / "agentd.toml", dev=True) if (d / "agentd.toml").exists() else Config()
     # Its own cgroup subtree, named after its directory: a dev daemon sweeps
     # leftover cgroups at start, and must never sweep a deployed daemon's

@@ -39,7 +39,8 @@ def load_or_create(state_dir: Path, configured: str) -> tuple[str, bool]:
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:48] or "host"
     new = f"{host}-{secrets.token_hex(4)}"
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="ascii") as f:
+    with open(tmp, "w", encoding="ascii",  # O_NOFOLLOW: never through a planted symlink
+              opener=lambda name, flags: os.open(name, flags | os.O_NOFOLLOW, 0o644)) as f:
         f.write(new + "\n")
         f.flush()
         os.fsync(f.fileno())

@@ -17,7 +17,7 @@ from types import FrameType
 from agentd.v1 import agentd_pb2
 from systemd.daemon import notify as sd_notify
 
-from daemon import __version__, children, config, hostid, journal, metrics
+from daemon import __version__, children, config, hostid, journal, metrics, strictmodes
 from daemon.api.lanes import Lanes
 from daemon.api.server import ApiServer, prepare_socket_dir
 from daemon.api.servicer import Servicer, timestamp
@@ -82,9 +82,13 @@ def _load_config(a: argparse.Namespace) -> config.Config:
 def _prepare_dirs(cfg: config.Config) -> None:
     if cfg.dev:
         cfg.socket_path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        # Again, now that DIR exists and before root writes or chmods
+        # anything there: someone may have made it (or a symlink) first.
+        strictmodes.check(cfg.socket_path.parent)
         os.chmod(cfg.socket_path.parent, 0o750)  # noqa: S103 - the socket gate
         if not cfg.trust_store.exists():
-            fd = os.open(cfg.trust_store, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(cfg.trust_store,
+                         os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             os.write(fd, b"# PRINCIPAL ROLES ssh-ed25519 BASE64KEY [COMMENT]\n"
                          b"# ROLES: comma-separated subset of admin,operator,oncall\n")
             os.close(fd)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
@@ -215,6 +218,36 @@ def test_fallback_kill_without_cgroup_kill(tmp_root: Path, hostile: Path, mode: 
         d.stop()
 
 
+def test_the_fallback_kill_never_signals_a_pid_that_left_the_cgroup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between reading cgroup.procs and the signal a pid may be reused outside the cgroup
+    (the fallback's freeze is not waited for long). Such a read is simulated: pids() also
+    names an outsider; the rest is the real kernel. Only members may be killed."""
+    from daemon.cgroups.tree import FALLBACK_METHOD
+    from tests.conftest import ROOT_REASON
+    from tests.scratch_agents import ScratchAgents
+
+    if ROOT_REASON:
+        pytest.skip(ROOT_REASON)
+    scratch = ScratchAgents()
+    outsider = subprocess.Popen(["/bin/sleep", "600"])
+    try:
+        agent = scratch.spawn(["/bin/sleep", "600"], name="fallback")
+        scratch.tree.has_cgroup_kill = False  # as on a kernel before 5.14
+        group = agent.cgroup
+        real = group.pids
+        monkeypatch.setattr(group, "pids", lambda: [*real(), outsider.pid])
+        assert group.kill() == FALLBACK_METHOD
+        assert group.wait_empty(time.monotonic() + 30)
+        assert agent.proc.wait(timeout=30) == -signal.SIGKILL
+        assert outsider.poll() is None, "the fallback killed a process outside the cgroup"
+        monkeypatch.undo()
+    finally:
+        outsider.kill()
+        outsider.wait()
+        scratch.close()
+
+
 def test_stuck_process_is_reported_not_waited_on(tmp_root: Path, hostile: Path) -> None:
     """A task that cannot die yet (here: frozen by the v1 freezer, which leaves a killed task
     in D state until thawed) must not hang the daemon: the kill answers, names it, and the
@@ -259,3 +292,68 @@ def test_every_stop_verifies_the_audit_chain(tmp_root: Path) -> None:
     d.audit_log.write_bytes(b"".join(lines))
     with pytest.raises(AssertionError, match="does not verify"):
         d.check_audit_chain()
+
+
+# ------------------------------------------------------- the dev directory
+def _plant(case: str, d: Path, victim: Path) -> Path:
+    """Make case's flaw in dev directory d; the path the error must name."""
+    if case == "parent writable":
+        d.parent.chmod(0o777)  # not sticky: anyone could swap d for their own
+        return d.parent
+    if case == "parent not root's":
+        os.chown(d.parent, 65534, 65534)
+        return d.parent
+    if case == "dir writable":
+        d.chmod(0o770)
+        return d
+    if case == "trusted_keys writable":
+        (d / "trusted_keys").chmod(0o620)
+        return d / "trusted_keys"
+    if case == "agentd.toml not root's":
+        (d / "agentd.toml").write_text('detector_command = "/bin/true"\n')
+        os.chown(d / "agentd.toml", 65534, 65534)
+        return d / "agentd.toml"
+    # Root would truncate what the symlink names when it writes the audit head.
+    (d / "audit.log.head.tmp").symlink_to(victim)
+    return d / "audit.log.head.tmp"
+
+
+@pytest.mark.parametrize("case", ["parent writable", "parent not root's", "dir writable",
+                                  "trusted_keys writable", "agentd.toml not root's",
+                                  "symlink planted"])
+def test_a_dev_directory_others_can_change_is_refused(tmp_root: Path, case: str) -> None:
+    """sshd's StrictModes: DIR, what is in it and every parent must be root's alone."""
+    from tests.harness import REPO
+
+    parent = tmp_root / "parent"
+    parent.mkdir(mode=0o755)
+    d = parent / "dev"
+    d.mkdir(mode=0o750)
+    (d / "trusted_keys").write_text("# none\n")
+    (d / "trusted_keys").chmod(0o600)
+    victim = tmp_root / "victim"
+    victim.write_text("precious\n")
+    named = _plant(case, d, victim)
+    try:
+        done = subprocess.run([sys.executable, "-m", "daemon.main", "--dev", str(d)],
+                              cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        parent.chmod(0o755)
+        os.chown(parent, 0, 0)
+    assert done.returncode == 1, done.stderr
+    err = done.stderr
+    fix = {"parent writable": f"chmod go-w {named}", "dir writable": f"chmod go-w {named}",
+           "trusted_keys writable": f"chmod go-w {named}", "parent not root's":
+           f"chown root {named}", "agentd.toml not root's": f"chown root {named}",
+           "symlink planted": f"{named} is a symbolic link"}[case]
+    assert fix in err, err
+    assert victim.read_text() == "precious\n"
+    assert not (d / "agentd.sock").exists() and not (d / "state").exists()
+
+
+def test_a_dev_directory_under_sticky_tmp_is_accepted(fresh_daemon: Daemon) -> None:
+    """/tmp is world-writable but sticky: a root 0750 DIR below a root 0700 one is safe."""
+    tmp = os.stat("/tmp")
+    assert tmp.st_mode & stat.S_ISVTX and tmp.st_mode & stat.S_IWOTH
+    assert str(fresh_daemon.dir).startswith("/tmp/")
+    assert fresh_daemon.stub.Info(agentd_pb2.InfoRequest(), timeout=30).host_id

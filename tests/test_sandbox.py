@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import os
 import shutil
 import socket
 import tempfile
@@ -239,6 +240,55 @@ def test_read_only_host_private_scratch_hidden_daemon_files_reduced_env(sd: Daem
     assert {"AGENTD_AGENT_NAME", "AGENTD_AGENT_ID", "PATH"} <= env
 
 
+RULES_PROBE = """
+import os, sys, time
+try:
+    print("read-rules", repr(open(sys.argv[1]).read()))
+except OSError as e:
+    print("read-rules BLOCKED", e.errno)
+print("rules-listing", sorted(os.listdir(os.path.dirname(sys.argv[1]))))
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_tripwire_rules_file_is_hidden_from_agents() -> None:
+    """The rules say what output would trip them: an agent that read them could evade them."""
+    if ROOT_REASON:
+        pytest.skip(ROOT_REASON)
+    root = Path(tempfile.mkdtemp(prefix="agentd-rules-t-", dir="/srv"))  # shown read-only
+    root.chmod(0o755)
+    rules_dir = root / "rules"
+    rules_dir.mkdir(mode=0o755)
+    rules = rules_dir / "rules.toml"
+    rules.write_text('[[rule]]\nname = "secret"\nkind = "literal"\npattern = "xyzzy-evade"\n')
+    rules.chmod(0o644)  # readable by anyone on the host: hiding it is the sandbox's doing
+    d = Daemon(root / "dev", config=f'rules_file = "{rules}"\n').start()
+    try:
+        agent = d.run(_name("rules"), [AGENT_PYTHON, "-c", RULES_PROBE, str(rules)])
+        assert wait_for(lambda: "ready" in Path(agent.stdout_log).read_text(), 20), (
+            Path(agent.stderr_log).read_text())
+        lines = _lines(Path(agent.stdout_log).read_text())
+        assert "xyzzy" not in Path(agent.stdout_log).read_text()
+        assert lines["read-rules"].startswith("BLOCKED"), lines
+        assert lines["rules-listing"] == "[]"
+        # From the host: in the agent's mount namespace an empty tmpfs lies
+        # over the rules' directory, and the file is not there.
+        pid = next(p for p in pids_in(agent.cgroup_paths[0])
+                   if Path(f"/proc/{p}/cmdline").read_bytes().startswith(
+                       AGENT_PYTHON.encode() + b"\0-c"))
+        mounts = [line.split() for line in
+                  Path(f"/proc/{pid}/mountinfo").read_text().splitlines()]
+        top = [m for m in mounts if m[4] == str(rules_dir)][-1]
+        assert top[top.index("-") + 1] == "tmpfs", top
+        assert os.listdir(f"/proc/{pid}/root{rules_dir}") == []
+        assert not os.path.lexists(f"/proc/{pid}/root{rules}")
+        d.kill(agent.name)
+    finally:
+        d.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_env_beyond_the_allowlist_needs_an_admin(sd: Daemon) -> None:
     extra = agentd_pb2.PolicyOverrides(env=["OPENAI_API_KEY=sk-test"])
     with pytest.raises(grpc.RpcError) as exc:
@@ -308,6 +358,31 @@ def test_entrypoint_pin_mismatch_is_refused_and_both_hashes_audited(sd: Daemon) 
     accepted = [r for r in sd.audit_records() if r.get("decision") == "accepted"
                 and r.get("target") == agent.name]
     assert accepted[-1]["entrypoint_sha256"] == real
+
+
+def test_entrypoint_pin_covers_the_program_the_agents_path_finds(sd: Daemon) -> None:
+    """--env PATH=DIR with another python3 in DIR: the pin judges, and bwrap execs, that file."""
+    real = hashlib.sha256(Path(AGENT_PYTHON).resolve().read_bytes()).hexdigest()
+    evil = sd.dir.parent / "evil-path"  # under /srv: the sandbox shows it read-only
+    evil.mkdir(mode=0o755, exist_ok=True)
+    impostor = evil / "python3"
+    impostor.write_text("#!/bin/sh\necho IMPOSTOR RAN\n")
+    impostor.chmod(0o755)
+    pinned = agentd_pb2.PolicyOverrides(entrypoint_sha256=real, env=[f"PATH={evil}"])
+    with pytest.raises(grpc.RpcError) as exc:
+        sd.run(_name("pathpin"), ["python3", "-c", "print('PINNED RAN')"], overrides=pinned)
+    code, msg = _refused(exc)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, msg
+    assert str(impostor) in msg and real in msg
+    # Unpinned, the run names and execs the file it hashed, by its absolute path.
+    agent = sd.run(_name("pathpin"), ["python3", "-c", "pass"],
+                   overrides=agentd_pb2.PolicyOverrides(env=[f"PATH={evil}"]))
+    assert wait_for(lambda: sd.get(agent.name).state == agentd_pb2.AGENT_STATE_EXITED, 20)
+    assert Path(agent.stdout_log).read_text() == "IMPOSTOR RAN\n"
+    assert agent.sandbox.entrypoint_sha256 == hashlib.sha256(impostor.read_bytes()).hexdigest()
+    accepted = [r for r in sd.audit_records() if r.get("decision") == "accepted"
+                and r.get("target") == agent.name]
+    assert accepted[-1]["entrypoint"] == str(impostor)
 
 
 # ---------------------------------------------------------------- policies

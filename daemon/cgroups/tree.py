@@ -11,7 +11,6 @@ cgroup-v2.rst), so the daemon first moves itself into a leaf
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
@@ -199,16 +198,15 @@ class AgentCgroup:
         for _ in range(max_passes):
             self._freeze(True)
             try:
-                members = self.pids()
-                for pid in members:
-                    # The cgroup is frozen: no member can exit or fork, so a
-                    # pid read from cgroup.procs cannot be reused before this
-                    # signal lands. Frozen tasks still take SIGKILL on v2.
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+                # Through pidfds, each checked for membership once pinned:
+                # the freeze is not waited for long (a v1 freezer can stick
+                # in FREEZING), so a member may exit and its pid be reused
+                # between reading cgroup.procs and the signal. Frozen tasks
+                # still take SIGKILL on v2.
+                sent = self.signal_all(signal.SIGKILL)
             finally:
                 self._freeze(False)
-            if not members:
+            if not sent:
                 return
 
     def _forbid_forks(self) -> None:

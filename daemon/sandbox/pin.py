@@ -15,7 +15,7 @@ _CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class Entrypoint:
-    path: str  # argv[0] resolved on the agent's PATH
+    path: str  # the absolute path bwrap execs: argv[0] resolved on the agent's PATH
     sha256: str  # "" when it could not be read (then it cannot be pinned either)
     error: str = ""
     missing: bool = False  # no such file: the agent could not be started either
@@ -24,14 +24,29 @@ class Entrypoint:
 def resolve(argv0: str, path_env: str) -> Entrypoint:
     """Find argv[0] as execvp(3) would on the agent's PATH and hash it, as root.
 
+    path_env must be the PATH the agent itself gets: the launch then execs
+    the returned absolute path, so what runs is the file hashed here, not
+    whatever the sandbox's own PATH lookup would find. A relative argv[0]
+    or PATH entry names the agent's working directory, a fresh empty
+    scratch tmpfs, so nothing is found there.
+
     The file is opened once, and that descriptor is both checked (a regular
     file) and hashed, so what is hashed is one file, not a path looked up
     twice. Never raises: an unreadable entrypoint is reported in .error.
     """
-    found = argv0 if "/" in argv0 else shutil.which(argv0, path=path_env)
+    if "/" in argv0:
+        if not os.path.isabs(argv0):
+            return Entrypoint(path=argv0, sha256="", missing=True,
+                              error="a relative path names the sandbox's empty working "
+                                    "directory; give an absolute path")
+        found: str | None = argv0
+    else:
+        absolute = os.pathsep.join(d for d in path_env.split(os.pathsep) if os.path.isabs(d))
+        found = shutil.which(argv0, path=absolute) if absolute else None
     if found is None:
         return Entrypoint(path=argv0, sha256="", error="not found on the agent's PATH",
                           missing=True)
+    found = os.path.normpath(found)
     try:
         fd = os.open(found, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as err:
@@ -47,7 +62,7 @@ def resolve(argv0: str, path_env: str) -> Entrypoint:
         return Entrypoint(path=found, sha256="", error=err.strerror or str(err))
     finally:
         os.close(fd)
-    return Entrypoint(path=os.path.abspath(found), sha256=h.hexdigest())
+    return Entrypoint(path=found, sha256=h.hexdigest())
 
 
 def check(entry: Entrypoint, pinned: str) -> None:

@@ -240,12 +240,17 @@ class Supervisor:
                 spec: runspec.RunSpec) -> Agent:
         agent_id = f"{action.name}-{secrets.token_hex(4)}"
         group = self.tree.agent(agent_id)
+        sinks: list[LogSink] = []
         try:
             group.create()
             group.apply_limits(spec.limits)
             self.cfg.log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
             stdout_log = self.cfg.log_dir / f"{agent_id}.stdout.log"
             stderr_log = self.cfg.log_dir / f"{agent_id}.stderr.log"
+            # Made before the spawn: a log that cannot be made refuses the
+            # run (LaunchFailed) instead of leaving a started agent unwatched.
+            sinks.append(LogSink(stdout_log, self.cfg.log_cap_bytes))
+            sinks.append(LogSink(stderr_log, self.cfg.log_cap_bytes))
             # The shim joins the cgroups and drops to the agent's user, then
             # execs bwrap, which builds the sandbox unprivileged (daemon.sandbox).
             prepared = sandboxing.prepare(self.cfg, spec, user, list(action.argv),
@@ -259,6 +264,8 @@ class Supervisor:
                 raise
             prepared.close_ours()
         except BaseException:
+            for sink in sinks:
+                sink.close()
             self._discard_cgroup(group)
             raise
         started = time.monotonic()
@@ -271,7 +278,7 @@ class Supervisor:
                 started_at=launcher.proc_start_time(pid), lease_ttl_ms=spec.lease_ms,
                 max_runtime_ms=spec.max_runtime_ms, helper_pids=frozenset({pid}),
             )
-            self._watch(agent, spawned, prepared, spec, started)
+            self._watch(agent, spawned, prepared, spec, started=started, sinks=sinks)
         except BaseException as err:
             # The agent runs, but nothing watches it yet: no kill, lease or
             # estop could reach it through the registry. Kill its cgroup now.
@@ -280,6 +287,9 @@ class Supervisor:
             for fd in (spawned.stdout_fd, spawned.stderr_fd, prepared.status_r):
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            for sink in sinks:
+                with contextlib.suppress(OSError):
+                    sink.close()
             if isinstance(err, AgentdError):
                 raise
             reason = err.strerror if isinstance(err, OSError) else repr(err)
@@ -296,21 +306,14 @@ class Supervisor:
         return agent
 
     def _watch(self, agent: Agent, spawned: launcher.Spawned, prepared: sandboxing.Prepared,
-               spec: runspec.RunSpec, started: float) -> None:
+               spec: runspec.RunSpec, *, started: float, sinks: list[LogSink]) -> None:
         """Watch the agent's output and exit, set its deadlines. Raises OSError."""
-        pid = agent.main_pid
-        stdout_log, stderr_log = agent.stdout_log, agent.stderr_log
         # The pidfd first: it is the one descriptor that can fail here (EMFILE).
-        pidfd = os.pidfd_open(pid)
-        cap = self.cfg.log_cap_bytes
-        try:
-            out = LogSink(stdout_log, cap, self.tripwires.tap(agent, "stdout"))
-            err = LogSink(stderr_log, cap, self.tripwires.tap(agent, "stderr"))
-        except BaseException:
-            os.close(pidfd)
-            raise
-        self.reactor.watch_output(spawned.stdout_fd, out)
-        self.reactor.watch_output(spawned.stderr_fd, err)
+        pidfd = os.pidfd_open(agent.main_pid)
+        for sink, stream, fd in ((sinks[0], "stdout", spawned.stdout_fd),
+                                 (sinks[1], "stderr", spawned.stderr_fd)):
+            sink.tap = self.tripwires.tap(agent, stream)
+            self.reactor.watch_output(fd, sink)
         if spec.lease_ms:
             self.enforcer.set(agent, "lease", started + spec.lease_ms / 1000)
         if spec.max_runtime_ms:

@@ -63,7 +63,8 @@ class Latch:
         if state is None:
             return
         tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8",  # O_NOFOLLOW: never through a planted symlink
+                  opener=lambda name, flags: os.open(name, flags | os.O_NOFOLLOW, 0o644)) as f:
             json.dump({"at": state.at, "reason": state.reason, "by": state.by}, f)
             f.flush()
             os.fsync(f.fileno())

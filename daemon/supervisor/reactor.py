@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
+from daemon.errors import LaunchFailed
+
 log = logging.getLogger(__name__)
 
 _READ_CHUNK = 65536
@@ -40,11 +42,15 @@ class LogSink:
     """
 
     def __init__(self, path: Path, cap: int, tap: Tap | None = None) -> None:
+        """Create path, which must not exist. Raises LaunchFailed (it does, or cannot be made)."""
         self.path = path
         self.cap = cap
         self.tap = tap
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        self._size = os.fstat(self._fd).st_size
+        try:
+            self._fd = _create(path)
+        except OSError as err:
+            raise LaunchFailed(f"cannot create the agent's log {path}: {err.strerror}") from err
+        self._size = 0
 
     def write(self, data: bytes) -> None:
         if self.tap is not None:
@@ -61,10 +67,9 @@ class LogSink:
 
     def _rotate(self) -> None:
         os.close(self._fd)
+        # rename(2) replaces FILE.1 itself, never what a symlink there names.
         os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-        self._fd = os.open(
-            self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
-        )
+        self._fd = _create(self.path)
         self._size = 0
 
     def close(self) -> None:
@@ -74,6 +79,13 @@ class LogSink:
                 self.tap.close()
             except Exception:
                 log.exception("output tap failed on %s", self.path)
+
+
+def _create(path: Path) -> int:
+    # O_EXCL | O_NOFOLLOW: root writes only to a file it has just made, never
+    # through a symlink or a hard link planted at the path (open(2)).
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_APPEND
+                   | os.O_CLOEXEC, 0o640)
 
 
 Callback = Callable[[], None]

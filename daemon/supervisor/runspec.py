@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -28,11 +29,12 @@ class RunSpec:
     limits: Limits
     lease_ms: int  # 0: no lease
     max_runtime_ms: int  # 0: no limit
+    # argv[0] resolved on the agent's PATH and hashed: the file the launch execs.
+    entrypoint: Entrypoint
     # The sandbox: the chosen profile with the run's overrides applied.
     profile: Profile = field(default_factory=lambda: Profile(name=policy.DEFAULT))
     env: dict[str, str] = field(default_factory=dict)  # the run's --env NAME=VALUE
     looser: tuple[str, ...] = ()  # how it is looser than the default (admin-approved)
-    entrypoint: Entrypoint = field(default_factory=lambda: Entrypoint(path="", sha256=""))
     user: AgentUser | None = None  # None: a dynamic user, allocated at launch
 
 
@@ -78,7 +80,12 @@ def check(action: agentd_pb2.RunAction, cfg: Config, layout: Layout, *, policies
             f"run refused: its sandbox is looser than the default profile in: "
             f"{'; '.join(looser)}. That needs a signature by a key with role admin and a "
             "non-empty reason (--reason)")
-    entrypoint = pin.resolve(action.argv[0], cfg.agent_path)
+    # Resolved on the PATH the agent gets (the run may set it with --env),
+    # and the launch execs exactly this file: a PATH trick cannot change
+    # what runs after the pin has judged it.
+    agent_path = policy.agent_env(profile, {"PATH": cfg.agent_path}, env, {}).get(
+        "PATH", os.defpath)
+    entrypoint = pin.resolve(action.argv[0], agent_path)
     if entrypoint.missing:
         raise FailedPrecondition(f"cannot exec {action.argv[0]}: {entrypoint.error}")
     pin.check(entrypoint, profile.entrypoint_sha256)

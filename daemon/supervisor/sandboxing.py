@@ -31,10 +31,16 @@ _STATUS_CAP = 4096
 
 
 def hidden(cfg: Config) -> list[Hidden]:
-    """The daemon's files no agent may see: state (logs included), trust store, audit, socket."""
+    """The daemon's files no agent may see: state (logs included), trust store, audit, socket,
+    policies, and the tripwire rules (which say what an agent's output must avoid)."""
     paths: list[tuple[Path, bool]] = [
         (cfg.state_dir, False), (cfg.trust_store, True), (cfg.audit_log, True),
         (cfg.socket_path, True), (cfg.policy_dir, False)]
+    if cfg.rules_file:
+        # Its whole directory where that is the daemon's own (as for the
+        # trust store): a file-only mask is lost when an editor renames a
+        # new version over the file, which detaches mounts on it elsewhere.
+        paths.append((Path(cfg.rules_file), True))
     if cfg.dev:
         paths.append((cfg.state_dir.parent, False))
     return bwrap.hidden_paths(paths)
@@ -99,8 +105,15 @@ class Prepared:
 
 def prepare(cfg: Config, spec: RunSpec, user: AgentUser, argv: list[str], *,
             name: str, agent_id: str) -> Prepared:
-    """bwrap's command line and the agent's environment. Raises LaunchFailed."""
+    """bwrap's command line and the agent's environment. Raises LaunchFailed.
+
+    argv[0] is replaced by spec.entrypoint.path, the absolute path that was
+    resolved and hashed: bwrap then execs that file and searches no PATH.
+    """
     bwrap.require()
+    if not os.path.isabs(spec.entrypoint.path):
+        raise LaunchFailed(f"cannot exec {argv[0]}: {spec.entrypoint.error or 'not resolved'}")
+    argv = [spec.entrypoint.path, *argv[1:]]
     base = {"PATH": cfg.agent_path, "HOME": SCRATCH, "USER": user.login, "LOGNAME": user.login,
             "LANG": "C.UTF-8", "TMPDIR": TMP}
     env = agent_env(spec.profile, base, spec.env,

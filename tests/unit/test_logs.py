@@ -10,7 +10,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from daemon.api import logs
+from daemon.errors import LaunchFailed
 from daemon.supervisor.reactor import LogSink
 
 
@@ -93,3 +96,28 @@ def test_follow_ends_when_the_client_goes_away(tmp_path: Path) -> None:
     got = _collect(a, tail_bytes=10, follow=True, active=lambda: next(polls), poll_s=0.01)
     assert got["stdout"] == b"x"
     assert time.monotonic() - t0 < 1
+
+
+def test_a_planted_symlink_or_file_at_the_log_path_is_never_written_through(
+        tmp_path: Path) -> None:
+    """Root writes agents' logs: only into files it has just made itself (O_EXCL|O_NOFOLLOW)."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    link = tmp_path / "a.stdout.log"
+    link.symlink_to(victim)
+    with pytest.raises(LaunchFailed, match="cannot create the agent's log"):
+        LogSink(link, 2048)
+    hard = tmp_path / "a.stderr.log"
+    hard.hardlink_to(victim)
+    with pytest.raises(LaunchFailed, match="File exists"):
+        LogSink(hard, 2048)
+    assert victim.read_text() == "precious\n"
+    # Rotation renames over a symlink at FILE.1, and writes to a new FILE.
+    sink = LogSink(tmp_path / "b.log", 16)
+    (tmp_path / "b.log.1").symlink_to(victim)
+    sink.write(b"0123456789")
+    sink.write(b"0123456789")
+    sink.close()
+    assert victim.read_text() == "precious\n"
+    assert (tmp_path / "b.log.1").read_bytes() == b"0123456789"
+    assert not (tmp_path / "b.log.1").is_symlink()
