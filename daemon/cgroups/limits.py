@@ -3,14 +3,13 @@ controller, and read back for the sandbox's checks from outside."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from daemon.cgroups import fs
+from daemon.cgroups.layout import Layout
 from daemon.errors import ControllerUnavailable
-
-if TYPE_CHECKING:
-    from daemon.cgroups.tree import AgentCgroup
 
 CPU_PERIOD_US = 100_000
 
@@ -22,8 +21,8 @@ class Limits:
     cpu_millis: int = 0  # 0: none
 
 
-def apply(group: AgentCgroup, limits: Limits) -> None:
-    """Write the limits to whichever hierarchy holds each controller.
+def apply(layout: Layout, v2: Path, v1: Mapping[str, Path], limits: Limits) -> None:
+    """Write the limits to an agent's cgroup (v2, and v1 by controller) where each is held.
 
     Raises ControllerUnavailable if a limit is asked for and no hierarchy
     holds its controller, CgroupError if a write fails.
@@ -34,15 +33,14 @@ def apply(group: AgentCgroup, limits: Limits) -> None:
         "cpu": limits.cpu_millis,
     }
     for controller, value in wanted.items():
-        if value and group.tree.layout.holder(controller) is None:
+        if value and layout.holder(controller) is None:
             raise ControllerUnavailable(
                 f"a {controller} limit was asked for, but no cgroup hierarchy on this host "
                 f"offers the {controller} controller to agentd"
             )
-    layout = group.tree.layout
     if limits.memory_bytes:
         if layout.holder("memory") == "v1":
-            mem = group.v1["memory"]
+            mem = v1["memory"]
             fs.write(mem / "memory.limit_in_bytes", str(limits.memory_bytes))
             # Swap off: memory+swap capped at the memory limit. The file
             # exists only with swap accounting (swapaccount=1); without
@@ -50,54 +48,53 @@ def apply(group: AgentCgroup, limits: Limits) -> None:
             if fs.exists(mem / "memory.memsw.limit_in_bytes"):
                 fs.write(mem / "memory.memsw.limit_in_bytes", str(limits.memory_bytes))
         else:
-            fs.write(group.v2 / "memory.max", str(limits.memory_bytes))
-    if layout.holder("memory") == "v2" and fs.exists(group.v2 / "memory.swap.max"):
+            fs.write(v2 / "memory.max", str(limits.memory_bytes))
+    if layout.holder("memory") == "v2" and fs.exists(v2 / "memory.swap.max"):
         # Swap off on v2 whatever the memory limit: an agent's memory is
         # never written to disk, where it would outlive the agent.
-        fs.write(group.v2 / "memory.swap.max", "0")
+        fs.write(v2 / "memory.swap.max", "0")
     if limits.pids_max:
         if layout.holder("pids") == "v1":
-            fs.write(group.v1["pids"] / "pids.max", str(limits.pids_max))
+            fs.write(v1["pids"] / "pids.max", str(limits.pids_max))
         else:
-            fs.write(group.v2 / "pids.max", str(limits.pids_max))
+            fs.write(v2 / "pids.max", str(limits.pids_max))
     if limits.cpu_millis:
         quota = max(1000, limits.cpu_millis * CPU_PERIOD_US // 1000)
         if layout.holder("cpu") == "v1":
-            cpu = group.v1["cpu"]
+            cpu = v1["cpu"]
             fs.write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
             fs.write(cpu / "cpu.cfs_quota_us", str(quota))
         else:
-            fs.write(group.v2 / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+            fs.write(v2 / "cpu.max", f"{quota} {CPU_PERIOD_US}")
 
 
-def read(group: AgentCgroup) -> dict[str, str]:
+def read(layout: Layout, v2: Path, v1: Mapping[str, Path]) -> dict[str, str]:
     """The limits in force, read back from cgroupfs: memory, swap, pids, cpu.
 
     Values as the kernel writes them ("max" for none, v1's huge number
     for none, "-" when no hierarchy holds the controller). For the
     sandbox's checks from outside; raises CgroupError.
     """
-    layout = group.tree.layout
     out = {"memory": "-", "swap": "-", "pids": "-", "cpu": "-"}
     holder = layout.holder("memory")
     if holder == "v1":
-        mem = group.v1["memory"]
+        mem = v1["memory"]
         out["memory"] = fs.read(mem / "memory.limit_in_bytes").strip()
         memsw = mem / "memory.memsw.limit_in_bytes"
         out["swap"] = (f"memsw {fs.read(memsw).strip()}" if fs.exists(memsw)
                        else "no swap accounting")
     elif holder == "v2":
-        out["memory"] = fs.read(group.v2 / "memory.max").strip()
-        swap = group.v2 / "memory.swap.max"
+        out["memory"] = fs.read(v2 / "memory.max").strip()
+        swap = v2 / "memory.swap.max"
         out["swap"] = (f"swap.max {fs.read(swap).strip()}" if fs.exists(swap)
                        else "no swap accounting")
     holder = layout.holder("pids")
     if holder is not None:
-        base = group.v1["pids"] if holder == "v1" else group.v2
+        base = v1["pids"] if holder == "v1" else v2
         out["pids"] = fs.read(base / "pids.max").strip()
     holder = layout.holder("cpu")
     if holder == "v1":
-        out["cpu"] = fs.read(group.v1["cpu"] / "cpu.cfs_quota_us").strip()
+        out["cpu"] = fs.read(v1["cpu"] / "cpu.cfs_quota_us").strip()
     elif holder == "v2":
-        out["cpu"] = fs.read(group.v2 / "cpu.max").strip()
+        out["cpu"] = fs.read(v2 / "cpu.max").strip()
     return out

@@ -105,11 +105,11 @@ class AgentCgroup:
     # -------------------------------------------------------------- limits
     def apply_limits(self, limits: Limits) -> None:
         """Write limits to whichever hierarchy holds each controller (see limits.apply)."""
-        limits_mod.apply(self, limits)
+        limits_mod.apply(self.tree.layout, self.v2, self.v1, limits)
 
     def read_limits(self) -> dict[str, str]:
         """The limits in force, read back from cgroupfs (see limits.read)."""
-        return limits_mod.read(self)
+        return limits_mod.read(self.tree.layout, self.v2, self.v1)
 
     # --------------------------------------------------------------- facts
     def pids(self) -> list[int]:

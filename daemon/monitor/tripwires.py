@@ -31,7 +31,7 @@ import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from daemon.errors import AgentdError, ConfigError
 from daemon.monitor.detector import DetectorLink, Verdict, cap
@@ -41,8 +41,12 @@ from daemon.monitor.rules import SEVERITY, STREAMS, Action, RuleSet
 from daemon.users import AgentUser, resolve
 
 if TYPE_CHECKING:
+    from daemon.audit import AuditLog
+    from daemon.config import Config
+    from daemon.monitor.sampler import Sampler
     from daemon.supervisor.agent import Agent
-    from daemon.supervisor.core import Supervisor
+    from daemon.supervisor.killer import KillOutcome
+    from daemon.supervisor.reactor import Reactor
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +125,27 @@ def _from_hit(hit: Hit) -> Finding:
                    fields={"stream": hit.stream, "offset": hit.offset, "excerpt": hit.excerpt})
 
 
+class Enforcement(Protocol):
+    """What the tripwires need of the supervisor: act on an agent, audit, schedule.
+
+    A narrow interface, wired in the supervisor: the monitor never takes the
+    Supervisor class (the dependency points one way).
+    """
+
+    cfg: Config
+    audit: AuditLog
+    reactor: Reactor
+    sampler: Sampler
+
+    def kill_agent(self, agent: Agent, reason: str) -> KillOutcome: ...
+
+    def freeze_agent(self, agent: Agent, frozen: bool) -> tuple[bool, float]: ...
+
+
 class Tripwires:
     """The rules, the detector link, and the actions they order on a supervisor."""
 
-    def __init__(self, sup: Supervisor, rules: RuleSet) -> None:
+    def __init__(self, sup: Enforcement, rules: RuleSet) -> None:
         self.sup = sup
         self.rules = rules
         self._matchers = {s: TextMatcher(rules.text, s) for s in STREAMS}

@@ -35,11 +35,10 @@ from daemon.monitor.sampler import Sampler
 from daemon.monitor.tripwires import Tripwires
 from daemon.sandbox import bwrap, seccomp
 from daemon.sandbox.policy import Policies
-from daemon.supervisor import killer, launcher, runspec, sandboxing
+from daemon.supervisor import freezing, killer, launcher, runspec, sandboxing
 from daemon.supervisor.agent import Agent, State
 from daemon.supervisor.enforcer import Enforcer
 from daemon.supervisor.failsafe import Failsafe
-from daemon.supervisor.freezing import Freezer
 from daemon.supervisor.latch import Latch
 from daemon.supervisor.reactor import LogSink, Reactor
 from daemon.users import AgentUser, allocate_dynamic
@@ -55,7 +54,6 @@ class Supervisor:
         self.audit = audit
         self.reactor = Reactor()
         self.failsafe = Failsafe(self)
-        self.freezer = Freezer(self)
         self.enforcer = Enforcer(self.failsafe.on_expired,
                                  reactor_tick=lambda: self.reactor.last_tick)
         self.latch = Latch(cfg.latch_path)
@@ -419,4 +417,4 @@ class Supervisor:
 
     # -------------------------------------------------------------- freeze
     def freeze_agent(self, agent: Agent, frozen: bool) -> tuple[bool, float]:
-        return self.freezer.freeze_agent(agent, frozen)
+        return freezing.freeze_agent(agent, frozen)

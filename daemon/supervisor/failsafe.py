@@ -1,6 +1,7 @@
-"""Fail-closed controls: leases (the dead-man's switch), run-time limits, estop, reset.
+"""Fail-closed controls: leases (the dead-man's switch), run-time limits, estop.
 
-Composed into the Supervisor, whose registry and gate they use. Expired
+Composed into the Supervisor, whose registry they use through a Protocol
+(Host), not the Supervisor class: the dependency points one way. Expired
 deadlines arrive from the enforcement loop, which must keep ticking (it is
 the watchdogs' heartbeat): the loop only writes cgroup.kill; verification,
 audit and stops with a grace period run elsewhere.
@@ -11,17 +12,33 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from daemon.cgroups.tree import kill_all, wait_all_empty
+from daemon.audit import AuditLog
+from daemon.cgroups.tree import AgentTree, kill_all, wait_all_empty
+from daemon.config import Config
 from daemon.errors import FailedPrecondition
 from daemon.supervisor import killer
 from daemon.supervisor.agent import Agent, State
-from daemon.supervisor.enforcer import Expired
-from daemon.supervisor.killer import StopResult, outcome_fields, pids_of
+from daemon.supervisor.enforcer import Enforcer, Expired
+from daemon.supervisor.killer import KillOutcome, StopResult, outcome_fields, pids_of
+from daemon.supervisor.latch import Latch
+from daemon.supervisor.reactor import Reactor
 
-if TYPE_CHECKING:
-    from daemon.supervisor.core import Supervisor
+
+class Host(Protocol):
+    """What the fail-safe controls need of the supervisor."""
+
+    cfg: Config
+    audit: AuditLog
+    tree: AgentTree
+    reactor: Reactor
+    enforcer: Enforcer
+    latch: Latch
+
+    def running(self) -> list[Agent]: ...
+
+    def settle(self, agent: Agent, outcome: KillOutcome) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -38,7 +55,7 @@ class EstopResult:
 
 
 class Failsafe:
-    def __init__(self, sup: Supervisor) -> None:
+    def __init__(self, sup: Host) -> None:
         self.sup = sup
         self.cfg = sup.cfg
         # Verifies lease kills and nothing else: sharing the finalisers' pool
