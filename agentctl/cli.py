@@ -102,6 +102,12 @@ def _fail(err: click.ClickException) -> NoReturn:
     help="agentd's control socket.",
 )
 @click.option(
+    "--stop-socket", type=click.Path(path_type=Path), envvar="AGENTD_STOP_SOCKET",
+    show_envvar=True,
+    help="agentd's emergency socket (/run/agentd-stop/stop.sock): stop, kill, estop and "
+    "freeze go there instead, where nothing reaching the control socket can delay them.",
+)
+@click.option(
     "--key", type=click.Path(path_type=Path, dir_okay=False), envvar="AGENTCTL_KEY",
     show_envvar=True,
     help="Ed25519 private key (OpenSSH or PEM) for signed commands; its passphrase "
@@ -116,7 +122,8 @@ def _fail(err: click.ClickException) -> NoReturn:
 @click.version_option(package_name="agentd", prog_name="agentctl")
 @click.pass_context
 def cli(
-    ctx: click.Context, socket: Path, key: Path | None, json_output: bool, raw_output: bool
+    ctx: click.Context, *, socket: Path, stop_socket: Path | None, key: Path | None,
+    json_output: bool, raw_output: bool
 ) -> None:
     """Control agentd, the kill switch for AI agents.
 
@@ -124,6 +131,7 @@ def cli(
     """
     settings = ctx.ensure_object(Settings)
     settings.socket, settings.key, settings.json = socket, key, json_output
+    settings.stop_socket = stop_socket
     settings.raw = raw_output
     ctx.call_on_close(settings.close)
 

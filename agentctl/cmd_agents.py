@@ -130,6 +130,7 @@ def run(
 @pass_settings
 def stop(settings: Settings, *, name: str, grace: float | None, sign: SignOptions) -> None:
     """SIGTERM agent NAME, wait the grace period, then kill what is left (signed)."""
+    settings.stopping()
     if grace is not None and round(grace * 1000) > _UINT32_MAX:
         raise click.BadParameter("too long", param_hint="'--grace'")
 
@@ -149,6 +150,7 @@ def stop(settings: Settings, *, name: str, grace: float | None, sign: SignOption
 @pass_settings
 def kill(settings: Settings, *, name: str, sign: SignOptions) -> None:
     """Kill every process of agent NAME at once, through its cgroup (signed)."""
+    settings.stopping()
 
     def action(cmd: agentd_pb2.Command) -> None:
         cmd.kill.name = name
@@ -168,6 +170,7 @@ def freeze(settings: Settings, *, name: str, sign: SignOptions) -> None:
     The normal path for a suspicious agent: freeze, inspect (status, logs),
     then kill or thaw.
     """
+    settings.stopping()
 
     def action(cmd: agentd_pb2.Command) -> None:
         cmd.freeze.name = name

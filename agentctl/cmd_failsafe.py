@@ -93,6 +93,7 @@ def keepalive(settings: Settings, *, name: str, every: float, ttl: float, count:
 @pass_settings
 def estop(settings: Settings, *, sign: SignOptions) -> None:
     """Kill EVERY agent on the host at once, then refuse all runs until a reset (signed)."""
+    settings.stopping()
 
     def action(cmd: agentd_pb2.Command) -> None:
         cmd.estop.SetInParent()

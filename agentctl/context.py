@@ -42,6 +42,8 @@ class Settings:
     """
 
     socket: Path = DEFAULT_SOCKET
+    # The emergency socket, for stop, kill, estop and freeze (see stopping()).
+    stop_socket: Path | None = None
     key: Path | None = None
     json: bool = False
     raw: bool = False
@@ -55,6 +57,16 @@ class Settings:
         if self._client is None:
             self._client = self.connect(self.socket, connect_timeout=self.connect_timeout)
         return self._client
+
+    def stopping(self) -> None:
+        """Called by stop, kill, estop and freeze: talk to the emergency socket, if set.
+
+        The daemon serves those commands (and info, for the audience) there
+        too, behind a group of its own, where a flood of the control socket
+        cannot reach.
+        """
+        if self.stop_socket is not None and self._client is None:
+            self.socket = self.stop_socket
 
     def now(self) -> datetime:
         """The current time, from :attr:`clock`, in UTC."""

@@ -25,6 +25,15 @@ class Config:
     # Empty: generated once and kept in state_dir/host_id.
     host_id: str = ""
     socket_group: str = "agentd"
+    # The emergency socket: stop, kill, estop and freeze only, for a group of
+    # its own (on-call humans), so that nothing reaching the control socket
+    # (a flood of connections, calls that never finish) can stand between
+    # them and a kill. Its own directory is its gate, as for the control socket.
+    stop_socket_path: Path = Path("/run/agentd-stop/stop.sock")
+    stop_socket_group: str = "agentd-stop"
+    # Connections the control socket accepts at once (at most a tenth of the
+    # daemon's open-files limit: agents' descriptors always come first).
+    max_connections: int = 2048
 
     # Signed commands.
     max_command_lifetime_s: float = 300.0
@@ -115,7 +124,8 @@ class Config:
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_PATH_FIELDS = {"socket_path", "state_dir", "trust_store", "audit_log", "policy_dir"}
+_PATH_FIELDS = {"socket_path", "stop_socket_path", "state_dir", "trust_store", "audit_log",
+                "policy_dir"}
 
 
 def load(path: Path, *, dev: bool = False) -> Config:
@@ -182,6 +192,7 @@ def dev(directory: Path, *, user: str | None = None, **overrides: Any) -> Config
         base,
         cgroup_name=f"agentd-dev-{tag}",
         socket_path=d / "agentd.sock",
+        stop_socket_path=d / "stop" / "stop.sock",
         state_dir=d / "state",
         trust_store=d / "trusted_keys",
         audit_log=d / "audit.log",

@@ -204,6 +204,9 @@ def run(cfg: config.Config) -> int:
     servicer = Servicer(Ctx(sup, gate, recorder, cfg), lanes, info, events=events)
     server = ApiServer(servicer, lanes, socket_path=cfg.socket_path,
                        gid=prepare_socket_dir(cfg.socket_path, cfg.socket_group),
+                       stop_socket=(cfg.stop_socket_path, prepare_socket_dir(
+                           cfg.stop_socket_path, cfg.stop_socket_group)),
+                       max_connections=cfg.max_connections,
                        last_tick=lambda: sup.enforcer.last_tick, on_stop=events.close)
     server.start()
     # Heartbeats only while a kill would be served now (daemon.api.standard).
@@ -217,8 +220,9 @@ def run(cfg: config.Config) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("agentd %s ready: socket %s, host id %s, cgroups %s (%s), kill by %s",
-             __version__, cfg.socket_path, host_id, layout.mode.value, tree.base_v2, kill_method)
+    log.info("agentd %s ready: socket %s (emergency %s), host id %s, cgroups %s (%s), "
+             "kill by %s", __version__, cfg.socket_path, cfg.stop_socket_path, host_id,
+             layout.mode.value, tree.base_v2, kill_method)
     for controller in sup.unenforceable_defaults():
         log.warning("default %s limit cannot be enforced: no cgroup hierarchy offers the %s "
                     "controller to agentd", controller, controller)

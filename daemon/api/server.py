@@ -12,6 +12,14 @@ What a client can hold, and for how long (issue 10, FIELD-NOTES "Serving the API
   always find a descriptor); a connection with no call for IDLE_MS is closed;
 * a stop's grace period, a follower that does not read: a coroutine each,
   no thread (daemon.api.lanes).
+
+Beside it, on the same loop, the emergency socket: a second server that
+serves stop, kill, estop, freeze and info only, behind a directory of its
+own group (stop_socket_group: on-call humans). Whoever can reach the control
+socket (agents' supervisors, control planes, tools: the agentd group) can
+fill its connections or its streams; they cannot reach this one, so a signed
+stop always has a way in. Both serve the same lanes: a stop from either
+socket runs on the stop lane.
 """
 
 from __future__ import annotations
@@ -42,9 +50,12 @@ log = logging.getLogger(__name__)
 GRPC_MAX_MESSAGE = 4 * 1024 * 1024
 RECEIVE_DEADLINE_S = 5.0
 MAX_STREAMS_PER_CONNECTION = 100
-MAX_CONNECTIONS = 256
-IDLE_MS = 60_000
+IDLE_MS = 30_000
 AGENTD_SERVICE = agentd_pb2.DESCRIPTOR.services_by_name["Agentd"].full_name
+# What the emergency socket serves, and how much of it.
+STOP_METHODS = frozenset({"Kill", "Stop", "Estop", "Freeze", "Info"})
+STOP_MAX_CONNECTIONS = 64
+STOP_MAX_STREAMS = 16
 
 
 def prepare_socket_dir(socket_path: Path, group_name: str) -> int | None:
@@ -70,18 +81,22 @@ def prepare_socket_dir(socket_path: Path, group_name: str) -> int | None:
     return gid
 
 
-def max_connections() -> int:
-    """MAX_CONNECTIONS, or a tenth of RLIMIT_NOFILE if that is smaller (at least 16)."""
+def max_connections(wanted: int) -> int:
+    """wanted, or a tenth of RLIMIT_NOFILE if that is smaller (at least 16).
+
+    Each connection is a descriptor: a flood of them must never make the next
+    pidfd_open, pipe or cgroup open of an agent's launch fail (FIELD-NOTES).
+    """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(16, min(MAX_CONNECTIONS, soft // 10))
+    return max(16, min(wanted, soft // 10))
 
 
-def options() -> list[tuple[str, Any]]:
+def options(connections: int, streams: int = MAX_STREAMS_PER_CONNECTION) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
         ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
-        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
-        ("grpc.max_allowed_incoming_connections", max_connections()),
+        ("grpc.max_concurrent_streams", streams),
+        ("grpc.max_allowed_incoming_connections", max_connections(connections)),
         ("grpc.max_connection_idle_ms", IDLE_MS),
         # Followers' connections stay open: find dead peers.
         ("grpc.keepalive_time_ms", 60_000),
@@ -116,11 +131,14 @@ def _streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIter
     return behaviour
 
 
-def _handlers(servicer: Servicer) -> grpc.GenericRpcHandler[Any, Any]:
-    """Every Agentd method, with a deadline on its request (see the module doc)."""
+def _handlers(servicer: Servicer,
+              only: frozenset[str] | None = None) -> grpc.GenericRpcHandler[Any, Any]:
+    """Agentd's methods (those in only, if given), with a deadline on each request."""
     service = agentd_pb2.DESCRIPTOR.services_by_name["Agentd"]
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for m in service.methods:
+        if only is not None and m.name not in only:
+            continue
         fn = getattr(servicer, m.name)
         req = agentd_pb2.DESCRIPTOR.message_types_by_name.get(m.input_type.name)
         resp = agentd_pb2.DESCRIPTOR.message_types_by_name.get(m.output_type.name)
@@ -138,15 +156,33 @@ def _handlers(servicer: Servicer) -> grpc.GenericRpcHandler[Any, Any]:
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
+async def _listen(server: grpc.aio.Server, socket_path: Path, gid: int | None) -> None:
+    """Bind server to socket_path (0660, group gid) and start it."""
+    # umask before bind: the socket is created with the final mode, never
+    # briefly world-accessible.
+    old = os.umask(0o117)
+    try:
+        server.add_insecure_port(f"unix:{socket_path}")
+    finally:
+        os.umask(old)
+    await server.start()
+    os.chmod(socket_path, 0o660)
+    if gid is not None:
+        os.chown(socket_path, 0, gid)
+
+
 class ApiServer:
-    """The running server: its thread, loop, health and lanes."""
+    """The running servers (control and emergency sockets): thread, loop, health and lanes."""
 
     def __init__(self, servicer: Servicer, lanes: Lanes, *, socket_path: Path, gid: int | None,
+                 stop_socket: tuple[Path, int | None] | None = None, max_connections: int = 2048,
                  last_tick: Callable[[], float], on_stop: Callable[[], None]) -> None:
         self._servicer = servicer
         self.lanes = lanes
         self._socket = socket_path
         self._gid = gid
+        self._stop_socket = stop_socket
+        self._max_connections = max_connections
         self._last_tick = last_tick
         self._on_stop = on_stop
         self._loop = asyncio.new_event_loop()
@@ -180,28 +216,24 @@ class ApiServer:
 
     async def _serve(self) -> None:
         self._stop_grace = self._loop.create_future()
-        server = grpc.aio.server(options=options())
+        server = grpc.aio.server(options=options(self._max_connections))
         server.add_generic_rpc_handlers((_handlers(self._servicer),))
         health = standard.Health(self.lanes, [AGENTD_SERVICE], self._last_tick)
         health.add_to(server)
         standard.add_reflection(server, [AGENTD_SERVICE, standard.HEALTH_SERVICE])
-        # umask before bind: the socket is created with the final mode, never
-        # briefly world-accessible.
-        old = os.umask(0o117)
-        try:
-            server.add_insecure_port(f"unix:{self._socket}")
-        finally:
-            os.umask(old)
-        await server.start()
-        os.chmod(self._socket, 0o660)
-        if self._gid is not None:
-            os.chown(self._socket, 0, self._gid)
+        servers = [server]
+        await _listen(server, self._socket, self._gid)
+        if self._stop_socket is not None:
+            emergency = grpc.aio.server(options=options(STOP_MAX_CONNECTIONS, STOP_MAX_STREAMS))
+            emergency.add_generic_rpc_handlers((_handlers(self._servicer, STOP_METHODS),))
+            await _listen(emergency, *self._stop_socket)
+            servers.append(emergency)
         await health.start()
         self._started.set()
         grace = await self._stop_grace
         await health.stop()
         self._on_stop()  # event streams end cleanly before the grace period
-        await server.stop(grace)
+        await asyncio.gather(*(s.stop(grace) for s in servers))
 
     def stop(self, grace: float | None) -> threading.Event:
         """Stop serving; the returned event is set once stopped.

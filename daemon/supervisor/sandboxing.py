@@ -35,7 +35,7 @@ def hidden(cfg: Config) -> list[Hidden]:
     policies, and the tripwire rules (which say what an agent's output must avoid)."""
     paths: list[tuple[Path, bool]] = [
         (cfg.state_dir, False), (cfg.trust_store, True), (cfg.audit_log, True),
-        (cfg.socket_path, True), (cfg.policy_dir, False)]
+        (cfg.socket_path, True), (cfg.stop_socket_path, True), (cfg.policy_dir, False)]
     if cfg.rules_file:
         # Its whole directory where that is the daemon's own (as for the
         # trust store): a file-only mask is lost when an editor renames a
