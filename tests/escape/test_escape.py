@@ -539,10 +539,13 @@ def test_fork_bomb(escape: Escape) -> None:
     report = escape.report(agent, timeout=30)
     time.sleep(1.0)  # let it push against the limit for a while
     count = len(pids_in(agent.cgroup_paths[0]))
-    started = time.monotonic()
-    escape.daemon.stub.Info(agentd_pb2.InfoRequest(), timeout=5)
-    info_s = time.monotonic() - started
-    extra = [] if info_s < 2.0 else [f"Info took {info_s:.1f}s during the fork bomb"]
+    # The daemon still answers during the fork bomb (within the RPC's deadline,
+    # a bound a loaded machine honours; no duration is asserted).
+    extra: list[str] = []
+    try:
+        escape.daemon.stub.Info(agentd_pb2.InfoRequest(), timeout=30)
+    except grpc.RpcError as err:
+        extra.append(f"Info failed during the fork bomb: {err.code().name}")
     host: dict[str, Judge] = {"fork-past-pids-limit": lambda a: blocked(a) and count <= 64}
     if count > 64:
         extra.append(f"the agent holds {count} processes, over its pids limit of 64")
