@@ -1,4 +1,4 @@
-"""daemon/durable.py: no planted link is followed, a failure leaves the old file.
+"""daemon/durable.py, and the guardian's private copy of replace(): same tests for both.
 
 Real files, real write failures (RLIMIT_FSIZE), real threads; the only patch
 pins the temporary name, to plant something at it in advance.
@@ -18,7 +18,7 @@ from types import ModuleType
 
 import pytest
 
-from daemon import durable
+from daemon import durable, guardian
 
 SizeLimit = Callable[[int], AbstractContextManager[None]]
 PRECIOUS = b"root's precious file\n"
@@ -45,6 +45,8 @@ class Impl:
 
 IMPLS = {
     "durable": Impl(durable, lambda p, d, m: durable.replace(p, d, mode=m), durable._tmp_name),
+    "guardian": Impl(guardian, lambda p, d, m: guardian._replace(str(p), d, m),
+                     lambda p: Path(guardian._tmp_name(str(p)))),
 }
 
 
@@ -74,6 +76,12 @@ def umask_077() -> Iterator[None]:
         yield
     finally:
         os.umask(old)
+
+
+def test_the_guardian_copy_opens_with_the_same_flags() -> None:
+    assert guardian._CREATE == durable._CREATE
+    for flag in (os.O_CREAT, os.O_EXCL, os.O_NOFOLLOW, os.O_CLOEXEC):
+        assert durable._CREATE & flag
 
 
 # ------------------------------------------------------------------ replace
