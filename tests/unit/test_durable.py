@@ -142,7 +142,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(
     assert os.listdir(state) == ["f"]
 
 
-@pytest.mark.parametrize("mode", [0o600, 0o640, 0o644])
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o644], ids=oct)
 def test_the_result_has_the_requested_mode_whatever_the_umask(
         impl: Impl, state: Path, mode: int, umask_077: None) -> None:
     (state / "f").write_bytes(b"old")
