@@ -25,6 +25,7 @@ from typing import Any, Self
 
 from agentd import auditchain
 
+from daemon import durable
 from daemon.errors import AuditUnavailable, AuditWriteError
 
 _log = logging.getLogger(__name__)
@@ -263,18 +264,10 @@ class AuditLog:
         self._write_head()
 
     def _write_head(self) -> None:
-        """Replace the head file atomically: write a temporary file, fsync, rename."""
+        """Replace the head file atomically and durably (durable.replace)."""
         head = auditchain.head_path(self._path)
-        tmp = head.with_name(head.name + ".tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
-                         0o600)
-            try:
-                os.write(fd, auditchain.encode_head(*self._head))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, head)
+            durable.replace(head, auditchain.encode_head(*self._head), mode=0o600)
         except OSError as err:
             raise AuditWriteError(
                 f"audit record {self._head[0]} written but head file {head} not updated: {err}"
@@ -311,22 +304,14 @@ class AuditLog:
 
 
 def _open_append(path: Path) -> int:
-    """Open *path* for appending, creating it 0600 if missing."""
+    """Open *path* for appending, creating it 0600 (durably) if missing."""
     # O_APPEND: every write lands at the end, whatever else has the file open.
     # O_NOFOLLOW: a symlink planted at the log path must not redirect root's
     # writes. O_CLOEXEC: agents must never inherit the log's descriptor.
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
-        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        return durable.create_exclusive(path, mode=0o600, append=True)
     except FileExistsError:
-        return os.open(path, flags)
-    # A new directory entry survives a crash only once its directory is synced.
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return fd
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
 
 
 def _recover(path: Path, now: int) -> tuple[int, str, dict[str, Any] | None]:

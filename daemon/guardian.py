@@ -370,27 +370,56 @@ def _wait_empty(cgroup: str, deadline: float) -> bool:
 
 
 def _write_report(report_dir: str, report: dict[str, object]) -> str:
-    """Write the report durably: tmp file, fsync, rename, fsync the directory."""
+    """Write the report durably (_replace) as guardian-report-<unix ns>.json."""
     data = json.dumps(report, sort_keys=True).encode("ascii") + b"\n"
     final = os.path.join(report_dir, f"guardian-report-{time.time_ns()}.json")
-    tmp = final + ".tmp"
-    # O_NOFOLLOW | O_EXCL: a planted symlink must not redirect root's write.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 0o600)
+    _replace(final, data)
+    return final
+
+
+# A private copy of daemon/durable.py's replace(), _tmp_name() and
+# fsync_dir(): the guardian imports no daemon module (see the docstring).
+# Keep the two in step; tests/unit/test_durable.py runs both through the
+# same tests.
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _replace(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data`: unpredictable tmp, fsync, rename, fsync dir. Raises OSError."""
+    tmp = _tmp_name(path)
+    # O_EXCL | O_NOFOLLOW: a planted symlink or hard link must not redirect root's write.
+    fd = os.open(tmp, _CREATE, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        try:  # noqa: SIM105 - not contextlib: one more import to load (see the docstring)
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _tmp_name(path: str) -> str:
+    # Hidden, so guardian_link's guardian-report-*.json glob never takes it.
+    head, name = os.path.split(path)
+    return os.path.join(head, f".{name}.{os.urandom(8).hex()}.tmp")
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.rename(tmp, final)
-    dfd = os.open(report_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return final
 
 
 def _act(spec: _Spec, reason: str) -> int:

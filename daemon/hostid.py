@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import socket
 from pathlib import Path
 
+from daemon import durable
 from daemon.errors import ConfigError
 
 _VALID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
@@ -20,6 +20,9 @@ def load_or_create(state_dir: Path, configured: str) -> tuple[str, bool]:
     random suffix, readable for humans, unique per state directory) and kept
     in state_dir/host_id. Wiping the state directory gives a new id, which
     also voids every command signed for the old one.
+
+    Raises ConfigError for an invalid id or a host_id file that cannot be
+    read or written.
     """
     if configured:
         if not _VALID.match(configured):
@@ -38,11 +41,8 @@ def load_or_create(state_dir: Path, configured: str) -> tuple[str, bool]:
         return text, False
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:48] or "host"
     new = f"{host}-{secrets.token_hex(4)}"
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="ascii",  # O_NOFOLLOW: never through a planted symlink
-              opener=lambda name, flags: os.open(name, flags | os.O_NOFOLLOW, 0o644)) as f:
-        f.write(new + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
+    try:
+        durable.replace(path, (new + "\n").encode("ascii"), mode=0o644)
+    except OSError as err:
+        raise ConfigError(f"cannot write {path}: {err.strerror}") from err
     return new, True

@@ -16,15 +16,14 @@ window_s. A replayed stop or kill can only end an agent, never start one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon import durable
 from daemon.auth._text import iso_utc
 from daemon.auth.policy import STOP_ACTIONS
 from daemon.errors import ReplayCacheDegraded, ReplayCacheIOError, Replayed
@@ -207,7 +206,9 @@ class ReplayCache:
             if not batch:
                 return
             try:
-                _append(self.path, b"".join(e.line() for e in batch))
+                # No O_CREAT there: a file that vanished must not come back
+                # without its header and earlier entries; a torn line is cut back.
+                durable.append(self.path, b"".join(e.line() for e in batch))
             except OSError as err:
                 with self._lock:
                     self._pending = batch + self._pending
@@ -300,8 +301,7 @@ def _set_aside(path: Path, now: float) -> Path:
         n += 1
         aside = path.with_name(f"{path.name}.corrupt-{int(now)}.{n}")
     try:
-        os.rename(path, aside)
-        _fsync_dir(path.parent)
+        durable.rename(path, aside)
     except OSError as err:
         raise ReplayCacheIOError(
             f"replay cache {path} is corrupt and cannot be moved aside: {err.strerror}"
@@ -310,57 +310,12 @@ def _set_aside(path: Path, now: float) -> Path:
 
 
 def _write_atomically(path: Path, entries: list[_Entry]) -> None:
-    """Replace `path` with a file holding `entries`: tmp, fsync, rename, fsync dir."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Replace `path` with a file holding `entries` (durable.replace). Raises ReplayCacheIOError."""
     body = _HEADER + b"\n" + b"".join(e.line() for e in entries)
     try:
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, _FILE_MODE
-        )
-        try:
-            os.fchmod(fd, _FILE_MODE)  # O_CREAT's mode is masked by the umask
-            _write_all(fd, body)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        durable.replace(path, body, mode=_FILE_MODE)
     except OSError as err:
         raise ReplayCacheIOError(
             f"replay cache {path} cannot be written: {err.strerror}; check the state "
             "directory's permissions and free space"
         ) from err
-
-
-def _append(path: Path, data: bytes) -> None:
-    """Append `data` and fsync; on failure cut the file back. Raises OSError."""
-    # No O_CREAT: a file that vanished must not be recreated without its
-    # header and its earlier entries.
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
-    try:
-        size = os.fstat(fd).st_size
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        except OSError:
-            # Best effort: a half-written line would make the file corrupt.
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, size)
-            raise
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _fsync_dir(directory: Path) -> None:
-    # rename(2) is durable only once the directory itself is synced.
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -8,15 +8,14 @@ An unreadable latch file counts as engaged: fail closed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon import durable
 from daemon.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
@@ -59,17 +58,12 @@ class Latch:
                 self.state = LatchState(at=time.time(), reason=reason, by=by)
 
     def persist(self) -> None:
+        """Write the engaged latch durably (durable.replace). Raises OSError."""
         state = self.state
         if state is None:
             return
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8",  # O_NOFOLLOW: never through a planted symlink
-                  opener=lambda name, flags: os.open(name, flags | os.O_NOFOLLOW, 0o644)) as f:
-            json.dump({"at": state.at, "reason": state.reason, "by": state.by}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        data = json.dumps({"at": state.at, "reason": state.reason, "by": state.by})
+        durable.replace(self.path, data.encode("utf-8"), mode=0o600)
 
     def persist_or_retry(self) -> bool:
         """persist(), or if the disk refuses, remember to retry (see retry()). True if durable.
@@ -94,12 +88,13 @@ class Latch:
             self.persist_or_retry()
 
     def clear(self) -> LatchState | None:
-        """Remove the latch durably. Returns what was cleared."""
+        """Remove the latch durably (unlink, fsync the directory). Returns what was cleared.
+
+        Raises OSError when the file cannot be removed; the latch then stays engaged.
+        """
         with self._lock:
             old = self.state
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            _fsync_dir(self.path.parent)
+            durable.remove(self.path)
             self.state = None
             return old
 
@@ -115,10 +110,3 @@ class Latch:
             "'agentctl reset' (clears the latch only; it restarts nothing)"
         )
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,11 +1,14 @@
-"""Fixtures for the auth-layer unit tests: real keys, real files, no mocks."""
+"""Fixtures for the unit tests: real keys, real files, real write failures, no mocks."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import resource
 import shutil
+import signal
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,3 +144,24 @@ def ssh_keygen() -> str:
         pytest.fail("ssh-keygen is not installed: install openssh-client ('make deps')",
                     pytrace=False)
     return path
+
+
+@contextlib.contextmanager
+def _file_size_limit(nbytes: int) -> Iterator[None]:
+    # RLIMIT_FSIZE makes write(2) past nbytes fail with EFBIG (SIGXFSZ
+    # ignored): a real kernel write failure, for root too, with no full disk.
+    # Process-wide: keep the block to the one call under test.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+@pytest.fixture
+def file_size_limit() -> Callable[[int], contextlib.AbstractContextManager[None]]:
+    """`with file_size_limit(n):` writes that would grow a file past n bytes fail (EFBIG)."""
+    return _file_size_limit

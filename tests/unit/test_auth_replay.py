@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -161,17 +163,19 @@ def test_prune_writes_pending_entries_and_persist_does_not_repeat_them(
         _reserve(reopened, 2, now=later)
 
 
-def test_prune_that_cannot_rewrite_loses_nothing(cache: ReplayCache, path: Path) -> None:
+def test_prune_that_cannot_rewrite_loses_nothing(
+    cache: ReplayCache, path: Path,
+    file_size_limit: Callable[[int], AbstractContextManager[None]],
+) -> None:
     _reserve(cache, 1, now=NOW)
     cache.persist()
     later = NOW + 300 + WINDOW + 1
     _reserve(cache, 2, now=later)
-    # The rewrite's temporary file cannot be created: a directory is in its place.
-    (path.parent / f".{path.name}.tmp").mkdir()
-    with pytest.raises(ReplayCacheIOError, match="cannot be written"):
+    # The rewrite's temporary file cannot be written past 10 bytes (EFBIG).
+    with file_size_limit(10), pytest.raises(ReplayCacheIOError, match="cannot be written"):
         cache.prune(later)
     assert len(_ids_in(path)) == 1  # the old file, intact
-    (path.parent / f".{path.name}.tmp").rmdir()
+    assert os.listdir(path.parent) == [path.name]  # no temporary file left behind
     cache.persist()  # entry 2 is still queued
     assert _ids_in(path)[-1] == (2).to_bytes(16, "big").hex()
 
