@@ -10,6 +10,7 @@ import itertools
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from agentd.v1 import agentd_pb2
 
@@ -239,3 +240,21 @@ def test_no_zombie_is_left_of_an_agent(daemon: Daemon, hostile: Path, action: st
     else:
         _end(daemon, agent.name, action)
     assert _zombies_left(daemon, members) == []
+
+
+def test_a_stop_whose_client_goes_away_still_ends_the_agent(daemon: Daemon,
+                                                           hostile: Path) -> None:
+    """The client gives up during the grace period: the daemon kills at its end all the same."""
+    agent, members = _launch(daemon, hostile, "ignore_term.py")
+    cmd = daemon.command()
+    cmd.stop.name = agent.name
+    cmd.stop.grace_ms = 3000
+    call = daemon.stub.Stop.future(daemon.sign(cmd, daemon.keys.oncall), timeout=0.5)
+    with pytest.raises(grpc.RpcError) as err:
+        call.result()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_for(lambda: daemon.get(agent.name).state == agentd_pb2.AGENT_STATE_KILLED, 60)
+    assert wait_for(lambda: not [p for p in members if alive(p)], 30)
+    command_id = cmd.command_id.hex()
+    assert wait_for(lambda: [r for r in daemon.audit_records() if r["event"] == "result"
+                             and r.get("command_id") == command_id], 30), "stop not recorded"

@@ -234,6 +234,8 @@ class ApiServer:
         await health.stop()
         self._on_stop()  # event streams end cleanly before the grace period
         await asyncio.gather(*(s.stop(grace) for s in servers))
+        # Stops whose clients went away run to their end (or the shutdown's kill).
+        await self._servicer.drain(timeout=grace or 0.0)
 
     def stop(self, grace: float | None) -> threading.Event:
         """Stop serving; the returned event is set once stopped.

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -60,10 +60,31 @@ class Servicer:
         self._max_event_streams = max_event_streams
         self._event_streams = 0
         self._log_followers = 0
+        # Stops under way, kept until done (the loop holds only weak references).
+        self._stops: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------- helpers
     def _agent(self, a: Agent) -> agentd_pb2.Agent:
         return convert.agent(a, self.sup.enforcer.remaining(a, "lease"))
+
+    async def _carried_through(self, go: Coroutine[Any, Any, T]) -> T:
+        """Run a stop to its end whatever the client does.
+
+        A client that goes away (Ctrl-C, a deadline) cancels its call; a stop
+        must not stop half way (SIGTERM sent, the kill after the grace period
+        never written, or the kill written and never recorded). The stop runs
+        as a task of its own; the call only waits for it.
+        """
+        task = asyncio.get_running_loop().create_task(go)
+        self._stops.add(task)
+        task.add_done_callback(_finished)
+        task.add_done_callback(self._stops.discard)
+        return await asyncio.shield(task)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to timeout for stops under way (at shutdown, before the loop ends)."""
+        if self._stops:
+            await asyncio.wait(set(self._stops), timeout=timeout)
 
     async def _call(self, context: Context, go: Awaitable[T]) -> T:
         try:
@@ -104,7 +125,7 @@ class Servicer:
             durable = await self.lanes.record(lambda: kill.record(self.ctx, k))
             return _pending(convert.kill_result(k.agent, k.outcome), durable)
 
-        return await self._call(context, go())
+        return await self._call(context, self._carried_through(go()))
 
     async def Stop(self, request: agentd_pb2.Envelope,
                    context: Context) -> agentd_pb2.KillResult:
@@ -117,7 +138,7 @@ class Servicer:
             durable = await self.lanes.record(lambda: stop.record(self.ctx, s, out))
             return _pending(convert.kill_result(s.agent, out), durable)
 
-        return await self._call(context, go())
+        return await self._call(context, self._carried_through(go()))
 
     async def Estop(self, request: agentd_pb2.Envelope,
                     context: Context) -> agentd_pb2.EstopResult:
@@ -132,7 +153,7 @@ class Servicer:
                 all_verified_empty=all(a.verified_empty for a in agents),
                 agents=agents, latched=self.sup.latch.latched, audit_pending=not durable)
 
-        return await self._call(context, go())
+        return await self._call(context, self._carried_through(go()))
 
     async def Freeze(self, request: agentd_pb2.Envelope,
                      context: Context) -> agentd_pb2.Agent:
@@ -141,7 +162,7 @@ class Servicer:
             await self.lanes.record(lambda: freeze.record(self.ctx, f))
             return self._agent(freeze.check_done(f))
 
-        return await self._call(context, go())
+        return await self._call(context, self._carried_through(go()))
 
     # ----------------------------------------------- starts and loosenings
     async def Thaw(self, request: agentd_pb2.Envelope,
@@ -243,6 +264,14 @@ async def _abort(context: Context, code: grpc.StatusCode,
                  message: str) -> NoReturn:
     await context.abort(code, message)
     raise AssertionError("unreachable")  # context.abort raises
+
+
+def _finished(task: asyncio.Task[Any]) -> None:
+    """Retrieve a stop's outcome even when its caller has gone (else asyncio logs it as lost)."""
+    if not task.cancelled() and task.exception() is not None:
+        err = task.exception()
+        if not isinstance(err, AgentdError):
+            log.error("a stop whose client had gone failed", exc_info=err)
 
 
 def _pending(result: agentd_pb2.KillResult, durable: bool) -> agentd_pb2.KillResult:
