@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -328,3 +329,43 @@ def test_a_command_for_an_ended_run_never_touches_the_next(daemon: Daemon,
     killed = d.stub.Kill(_pinned(d, "kill", name, b.id, d.keys.oncall), timeout=30)
     assert killed.id == b.id and killed.verified_empty and not killed.already_ended
     assert [p for p in members if alive(p)] == []
+
+
+def test_keepalive_exits_11_when_its_run_is_replaced(daemon: Daemon, hostile: Path) -> None:
+    d, name = daemon, f"kept-run-{daemon.mode}"
+    a = d.run(name, [AGENT_PYTHON, str(hostile / "ignore_term.py")], lease_ms=60_000)
+    loop = subprocess.Popen(
+        _agentctl_argv(d, "supervisor", "keepalive", name, "--every", "3s", "--ttl", "30s"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def renewed(agent_id: str) -> bool:
+        return any(r["decision"] == "accepted" and r["action"] == "renew"
+                   and r.get("agent_id") == agent_id for r in _events(d, "command"))
+
+    try:
+        assert loop.stdout is not None
+        # A renewal has come back (click flushes each line); the loop now sleeps
+        # --every. Paused while A is replaced, so its next renewal is the first
+        # B could get, and no renewal of A is in flight across the pause.
+        first = loop.stdout.readline()
+        assert first.startswith(f"renewed '{name}' (run {a.id})"), first
+        loop.send_signal(signal.SIGSTOP)
+        d.kill(name)
+        b = d.run(name, [AGENT_PYTHON, str(hostile / "ignore_term.py")], lease_ms=60_000)
+        assert _ready(b)
+        loop.send_signal(signal.SIGCONT)
+        out, err = loop.communicate(timeout=60)
+    finally:
+        if loop.poll() is None:
+            loop.kill()
+            loop.communicate()
+    assert loop.returncode == 11, (out, err)
+    assert f"RENEWAL REFUSED for '{name}' (run {a.id})" in err, err
+    assert f"is now run {b.id}" in err, err
+    # B was never renewed by the loop: its lease is the one it started with.
+    assert not renewed(b.id)
+    now = d.get(name)
+    assert now.id == b.id and now.state == agentd_pb2.AGENT_STATE_RUNNING
+    assert now.lease_ttl_ms == 60_000
+    assert wait_for(lambda: len(_refusals(d, a.id)) == 1, 10)
+    d.kill(name)
