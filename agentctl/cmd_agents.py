@@ -34,6 +34,15 @@ from agentctl.signer import load_key
 
 _UINT32_MAX = 2**32 - 1
 
+# Not on by default: a kill by name alone must end whatever runs under that
+# name now (the on-call path stays one argument). The pin is for commands
+# signed ahead of time, or sent again and again (keepalive).
+run_id_option = click.option(
+    "--id", "run_id", default="", metavar="RUN_ID",
+    help="Act only on this run of NAME (its id, from 'agentctl ps'); refused if NAME "
+         "has been restarted since.",
+)
+
 
 # -------------------------------------------------------------- read-only
 @click.command()
@@ -126,16 +135,18 @@ def run(
 @click.command()
 @click.argument("name")
 @click.option("--grace", type=DURATION, help="Time between SIGTERM and the kill [default: 5s].")
+@run_id_option
 @signing_options
 @pass_settings
-def stop(settings: Settings, *, name: str, grace: float | None, sign: SignOptions) -> None:
+def stop(settings: Settings, *, name: str, grace: float | None, run_id: str,
+         sign: SignOptions) -> None:
     """SIGTERM agent NAME, wait the grace period, then kill what is left (signed)."""
     settings.stopping()
     if grace is not None and round(grace * 1000) > _UINT32_MAX:
         raise click.BadParameter("too long", param_hint="'--grace'")
 
     def action(cmd: agentd_pb2.Command) -> None:
-        cmd.stop.name = name
+        cmd.stop.name, cmd.stop.id = name, run_id
         if grace is not None:
             cmd.stop.grace_ms = round(grace * 1000)
 
@@ -146,14 +157,15 @@ def stop(settings: Settings, *, name: str, grace: float | None, sign: SignOption
 
 @click.command()
 @click.argument("name")
+@run_id_option
 @signing_options
 @pass_settings
-def kill(settings: Settings, *, name: str, sign: SignOptions) -> None:
+def kill(settings: Settings, *, name: str, run_id: str, sign: SignOptions) -> None:
     """Kill every process of agent NAME at once, through its cgroup (signed)."""
     settings.stopping()
 
     def action(cmd: agentd_pb2.Command) -> None:
-        cmd.kill.name = name
+        cmd.kill.name, cmd.kill.id = name, run_id
 
     env = build_envelope(settings, sign, action)
     if env is not None:
@@ -162,9 +174,10 @@ def kill(settings: Settings, *, name: str, sign: SignOptions) -> None:
 
 @click.command()
 @click.argument("name")
+@run_id_option
 @signing_options
 @pass_settings
-def freeze(settings: Settings, *, name: str, sign: SignOptions) -> None:
+def freeze(settings: Settings, *, name: str, run_id: str, sign: SignOptions) -> None:
     """Freeze every process of agent NAME where it stands (signed); kill stays instant.
 
     The normal path for a suspicious agent: freeze, inspect (status, logs),
@@ -173,7 +186,7 @@ def freeze(settings: Settings, *, name: str, sign: SignOptions) -> None:
     settings.stopping()
 
     def action(cmd: agentd_pb2.Command) -> None:
-        cmd.freeze.name = name
+        cmd.freeze.name, cmd.freeze.id = name, run_id
 
     env = build_envelope(settings, sign, action)
     if env is not None:
@@ -182,13 +195,14 @@ def freeze(settings: Settings, *, name: str, sign: SignOptions) -> None:
 
 @click.command()
 @click.argument("name")
+@run_id_option
 @signing_options
 @pass_settings
-def thaw(settings: Settings, *, name: str, sign: SignOptions) -> None:
+def thaw(settings: Settings, *, name: str, run_id: str, sign: SignOptions) -> None:
     """Let a frozen agent NAME run again (signed; operator or admin)."""
 
     def action(cmd: agentd_pb2.Command) -> None:
-        cmd.thaw.name = name
+        cmd.thaw.name, cmd.thaw.id = name, run_id
 
     env = build_envelope(settings, sign, action)
     if env is not None:
@@ -295,7 +309,8 @@ def report_renew(settings: Settings, result: agentd_pb2.LeaseResult) -> None:
         emit_json(render.to_dict(result))
     else:
         result = settings.shown(result)
-        click.echo(f"renewed '{result.name}': lease {fmt.format_duration(result.ttl_ms / 1000)}, "
+        click.echo(f"renewed '{result.name}' (run {result.id}): lease "
+                   f"{fmt.format_duration(result.ttl_ms / 1000)}, "
                    f"{result.remaining_ms / 1000:.1f}s left")
 
 

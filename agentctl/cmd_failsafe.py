@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -18,11 +19,19 @@ from agentd.v1 import agentd_pb2
 from google.protobuf.message import DecodeError
 
 from agentctl import format as fmt
-from agentctl.cmd_agents import build_envelope, report_estop, report_renew, report_reset
+from agentctl.cmd_agents import (
+    build_envelope,
+    report_estop,
+    report_renew,
+    report_reset,
+    run_id_option,
+)
 from agentctl.context import Settings, SignOptions, pass_settings, signing_options
 from agentctl.errors import AgentctlError, DaemonUnreachable, Interrupted, LeaseLost
 from agentctl.params import DURATION
 from agentctl.signer import load_key
+
+_UINT32_MAX = 2**32 - 1
 
 
 @click.command()
@@ -33,12 +42,15 @@ from agentctl.signer import load_key
               help="Each renewal extends the lease to this long from then.")
 @click.option("--count", type=click.IntRange(min=1), hidden=True,
               help="Stop after this many renewals (for tests and scripts).")
+@run_id_option
 @signing_options
 @pass_settings
 def keepalive(settings: Settings, *, name: str, every: float, ttl: float, count: int | None,
-              sign: SignOptions) -> None:
+              run_id: str, sign: SignOptions) -> None:
     """Renew agent NAME's lease every --every until interrupted (signed, each renewal fresh).
 
+    Every renewal names the run it started on (--id, or NAME's run when it
+    starts): if NAME is restarted, the new run is never renewed by this loop.
     Exits non-zero, loudly, the moment a renewal is refused: the agent will
     then be killed when its lease runs out. A daemon that cannot be reached
     is retried until the lease would have run out.
@@ -48,20 +60,22 @@ def keepalive(settings: Settings, *, name: str, every: float, ttl: float, count:
                                  "renewals", param_hint="'--every'")
     if sign.sign_only:
         raise click.BadParameter("keepalive signs a fresh command for every renewal; use "
-                                 "'agentctl renew'-style offline signing instead",
+                                 "'agentctl renew NAME --id RUN_ID --sign-only' for one "
+                                 "renewal signed offline",
                                  param_hint="'--sign-only'")
     load_key(settings.key)  # fail before the loop if the key is missing
     ttl_ms = round(ttl * 1000)
     lease_ends = time.monotonic() + ttl  # what we know of it before the first renewal
     renewals = 0
+    pinned = run_id  # looked up once, on the first pass that reaches the daemon
     try:
         while True:
-            def action(cmd: agentd_pb2.Command) -> None:
-                cmd.renew.name = name
-                cmd.renew.ttl_ms = ttl_ms
-
             try:
-                env = build_envelope(settings, sign, action)
+                if not pinned:
+                    # A loop that outlives the run it was started for must
+                    # not keep a later run of the same name alive.
+                    pinned = settings.client().get_agent(name).id
+                env = build_envelope(settings, sign, _renewal(name, pinned, ttl_ms))
                 assert env is not None
                 result = settings.client().renew(env)
             except DaemonUnreachable as err:
@@ -72,9 +86,10 @@ def keepalive(settings: Settings, *, name: str, every: float, ttl: float, count:
                            f"{fmt.format_duration(every)}")
                 click.echo(settings.shown_text(warning, err=True), err=True)
             except AgentctlError as err:
+                run = f" (run {pinned})" if pinned else ""
                 raise LeaseLost(
-                    f"RENEWAL REFUSED for '{name}': {err.message} -- the agent will be killed "
-                    "when its lease runs out") from err
+                    f"RENEWAL REFUSED for '{name}'{run}: {err.message} -- the agent will be "
+                    "killed when its lease runs out") from err
             else:
                 lease_ends = time.monotonic() + result.remaining_ms / 1000
                 renewals += 1
@@ -86,6 +101,30 @@ def keepalive(settings: Settings, *, name: str, every: float, ttl: float, count:
         left = max(0.0, lease_ends - time.monotonic())
         raise Interrupted(f"keepalive stopped: the lease of '{name}' runs out in {left:.1f}s, "
                           "and then the agent is killed") from None
+
+
+@click.command()
+@click.argument("name")
+@click.option("--ttl", type=DURATION, default=30.0, show_default="30s",
+              help="The lease runs this long from when the daemon accepts the renewal.")
+@run_id_option
+@signing_options
+@pass_settings
+def renew(settings: Settings, *, name: str, ttl: float, run_id: str, sign: SignOptions) -> None:
+    """Renew agent NAME's lease once (signed); --sign-only --id prepares one for later."""
+    if not 0 < round(ttl * 1000) <= _UINT32_MAX:
+        raise click.BadParameter("must be between 1ms and 49 days", param_hint="'--ttl'")
+
+    env = build_envelope(settings, sign, _renewal(name, run_id, round(ttl * 1000)))
+    if env is not None:
+        report_renew(settings, settings.client().renew(env))
+
+
+def _renewal(name: str, run_id: str, ttl_ms: int) -> Callable[[agentd_pb2.Command], None]:
+    def action(cmd: agentd_pb2.Command) -> None:
+        cmd.renew.name, cmd.renew.id, cmd.renew.ttl_ms = name, run_id, ttl_ms
+
+    return action
 
 
 @click.command()
@@ -154,8 +193,12 @@ def cosign(settings: Settings, *, file: Path, cosign_key: Path | None) -> None:
 
 def _target(cmd: agentd_pb2.Command) -> str:
     action = cmd.WhichOneof("action")
-    name = getattr(getattr(cmd, action or "", None), "name", "") if action else ""
-    return f"'{name}'" if name else "(all agents)" if action in ("estop", "reset") else ""
+    body = getattr(cmd, action or "", None) if action else None
+    name = getattr(body, "name", "")
+    run_id = getattr(body, "id", "")
+    if name:
+        return f"'{name}' (run {run_id!r})" if run_id else f"'{name}'"
+    return "(all agents)" if action in ("estop", "reset") else ""
 
 
-COMMANDS = (keepalive, estop, reset, cosign)
+COMMANDS = (keepalive, renew, estop, reset, cosign)

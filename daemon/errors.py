@@ -124,6 +124,17 @@ class EstopDuringLaunch(FailedPrecondition):
         self.agent_id = agent_id
 
 
+class WrongRun(FailedPrecondition):
+    """The command names a run (an agent id) that no longer holds the agent's name.
+
+    FAILED_PRECONDITION, not NOT_FOUND: the agent exists; what the signer
+    stated (this run is the one) is not the daemon's state. Re-signing for
+    the current run is the fix, not looking for another agent.
+    """
+
+    reason = "wrong_run"
+
+
 class ControllerUnavailable(FailedPrecondition):
     reason = "controller_unavailable"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -198,7 +199,7 @@ def test_estop_with_nothing_running_still_latches(fresh_daemon: Daemon) -> None:
 
 
 # ------------------------------------------------------------------ CLI
-def _agentctl(d: Daemon, key: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _agentctl_argv(d: Daemon, key: str, *args: str) -> list[str]:
     keyfile = d.dir.parent / f"{key}.key"
     if not keyfile.exists():
         from cryptography.hazmat.primitives import serialization
@@ -207,9 +208,13 @@ def _agentctl(d: Daemon, key: str, *args: str) -> subprocess.CompletedProcess[st
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
             serialization.NoEncryption()))
         keyfile.chmod(0o600)
-    return subprocess.run(
-        [sys.executable, "-m", "agentctl", "--socket", str(d.socket), "--key", str(keyfile),
-         *args], capture_output=True, text=True, timeout=60)
+    return [sys.executable, "-m", "agentctl", "--socket", str(d.socket), "--key", str(keyfile),
+            *args]
+
+
+def _agentctl(d: Daemon, key: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_agentctl_argv(d, key, *args), capture_output=True, text=True,
+                          timeout=60)
 
 
 def test_cli_keepalive_estop_cosign_reset(quorum_daemon: Daemon, hostile: Path) -> None:
@@ -243,3 +248,124 @@ def test_cli_keepalive_estop_cosign_reset(quorum_daemon: Daemon, hostile: Path) 
     out = _agentctl(d, "admin", "send", str(env_file))
     assert out.returncode == 0, out.stderr
     assert "cleared" in out.stdout
+
+
+# ------------------------------------------------------ commands that name a run
+def _pinned(d: Daemon, action: str, name: str, run_id: str, key: object,
+            **fields: int) -> agentd_pb2.Envelope:
+    """A command for one run of name (its id), signed now, to be sent later."""
+    def fill(c: agentd_pb2.Command) -> None:
+        body = getattr(c, action)
+        body.name, body.id = name, run_id
+        for k, v in fields.items():
+            setattr(body, k, v)
+
+    return d.signed(fill, key)  # type: ignore[arg-type]
+
+
+def _refusals(d: Daemon, run_id: str) -> list[dict[str, object]]:
+    return [r for r in _events(d, "command") if r["decision"] == "rejected"
+            and r.get("error_reason") == "wrong_run" and run_id in str(r["error"])]
+
+
+def test_a_command_for_an_ended_run_never_touches_the_next(daemon: Daemon,
+                                                           hostile: Path) -> None:
+    d, name = daemon, f"rerun-{daemon.mode}"
+    a = d.run(name, [AGENT_PYTHON, str(hostile / "ignore_term.py")], lease_ms=60_000)
+    assert _ready(a)
+    # Signed while run A is current (a --sign-only envelope, a keepalive's next renew).
+    for_a = {
+        "kill": (d.stub.Kill, _pinned(d, "kill", name, a.id, d.keys.oncall)),
+        "renew": (d.stub.Renew, _pinned(d, "renew", name, a.id, d.keys.supervisor,
+                                        ttl_ms=3_600_000)),
+        "thaw": (d.stub.Thaw, _pinned(d, "thaw", name, a.id, d.keys.operator)),
+        "stop": (d.stub.Stop, _pinned(d, "stop", name, a.id, d.keys.oncall)),
+    }
+    d.kill(name)
+    # Ended, not yet replaced: the id still names the current (ended) run.
+    again = d.stub.Kill(_pinned(d, "kill", name, a.id, d.keys.oncall), timeout=30)
+    assert again.id == a.id and again.already_ended
+
+    b = d.run(name, [AGENT_PYTHON, str(hostile / "ignore_term.py")], lease_ms=60_000)
+    assert _ready(b) and b.id != a.id
+    frozen = d.stub.Freeze(_pinned(d, "freeze", name, b.id, d.keys.oncall), timeout=30)
+    assert frozen.state == agentd_pb2.AGENT_STATE_FROZEN
+    members = pids_in(b.cgroup_paths[0])
+
+    for action, (rpc, env) in for_a.items():
+        with pytest.raises(grpc.RpcError) as exc:
+            rpc(env, timeout=30)
+        assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION, action
+        details = exc.value.details() or ""
+        assert f"agent {name!r} is now run {b.id} (frozen, started at " in details, details
+        assert f"not {a.id!r}, which this command names; that run ended at " in details
+        assert "re-sign for the current run" in details
+        # B untouched: the same processes, still frozen, its lease as it was.
+        now = d.get(name)
+        assert now.id == b.id and now.state == agentd_pb2.AGENT_STATE_FROZEN, action
+        assert now.lease_ttl_ms == 60_000 and now.lease_remaining_ms <= 60_000, action
+        assert pids_in(b.cgroup_paths[0]) == members and all(alive(p) for p in members)
+    assert wait_for(lambda: len(_refusals(d, a.id)) == len(for_a), 10), _refusals(d, a.id)
+    assert [r["rpc"] for r in _refusals(d, a.id)] == list(for_a)
+    assert all(r["error_code"] == "FAILED_PRECONDITION" for r in _refusals(d, a.id))
+
+    # A run is named by its agent's name and its id, never by the id alone.
+    with pytest.raises(grpc.RpcError) as exc:
+        d.stub.Kill(_pinned(d, "kill", "", b.id, d.keys.oncall), timeout=30)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "a run is named by both" in (exc.value.details() or "")
+    # A run this daemon never had is refused the same way.
+    with pytest.raises(grpc.RpcError) as exc:
+        d.stub.Kill(_pinned(d, "kill", name, f"{name}-00000000", d.keys.oncall), timeout=30)
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"this daemon knows no run '{name}-00000000'" in (exc.value.details() or "")
+
+    # The same commands signed for B's id act on B.
+    thawed = d.stub.Thaw(_pinned(d, "thaw", name, b.id, d.keys.operator), timeout=30)
+    assert thawed.state == agentd_pb2.AGENT_STATE_RUNNING
+    renewed = d.stub.Renew(_pinned(d, "renew", name, b.id, d.keys.supervisor,
+                                   ttl_ms=120_000), timeout=30)
+    assert renewed.id == b.id and d.get(name).lease_ttl_ms == 120_000
+    killed = d.stub.Kill(_pinned(d, "kill", name, b.id, d.keys.oncall), timeout=30)
+    assert killed.id == b.id and killed.verified_empty and not killed.already_ended
+    assert [p for p in members if alive(p)] == []
+
+
+def test_keepalive_exits_11_when_its_run_is_replaced(daemon: Daemon, hostile: Path) -> None:
+    d, name = daemon, f"kept-run-{daemon.mode}"
+    a = d.run(name, [AGENT_PYTHON, str(hostile / "ignore_term.py")], lease_ms=60_000)
+    loop = subprocess.Popen(
+        _agentctl_argv(d, "supervisor", "keepalive", name, "--every", "3s", "--ttl", "30s"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def renewed(agent_id: str) -> bool:
+        return any(r["decision"] == "accepted" and r["action"] == "renew"
+                   and r.get("agent_id") == agent_id for r in _events(d, "command"))
+
+    try:
+        assert loop.stdout is not None
+        # A renewal has come back (click flushes each line); the loop now sleeps
+        # --every. Paused while A is replaced, so its next renewal is the first
+        # B could get, and no renewal of A is in flight across the pause.
+        first = loop.stdout.readline()
+        assert first.startswith(f"renewed '{name}' (run {a.id})"), first
+        loop.send_signal(signal.SIGSTOP)
+        d.kill(name)
+        b = d.run(name, [AGENT_PYTHON, str(hostile / "ignore_term.py")], lease_ms=60_000)
+        assert _ready(b)
+        loop.send_signal(signal.SIGCONT)
+        out, err = loop.communicate(timeout=60)
+    finally:
+        if loop.poll() is None:
+            loop.kill()
+            loop.communicate()
+    assert loop.returncode == 11, (out, err)
+    assert f"RENEWAL REFUSED for '{name}' (run {a.id})" in err, err
+    assert f"is now run {b.id}" in err, err
+    # B was never renewed by the loop: its lease is the one it started with.
+    assert not renewed(b.id)
+    now = d.get(name)
+    assert now.id == b.id and now.state == agentd_pb2.AGENT_STATE_RUNNING
+    assert now.lease_ttl_ms == 60_000
+    assert wait_for(lambda: len(_refusals(d, a.id)) == 1, 10)
+    d.kill(name)

@@ -29,7 +29,7 @@ class Frozen:
 def _admit(ctx: Ctx, envelope: agentd_pb2.Envelope, rpc: str) -> tuple[VerifiedCommand, Agent]:
     def precheck(vc: VerifiedCommand) -> Agent:
         action = vc.command.freeze if rpc == "freeze" else vc.command.thaw
-        agent = ctx.sup.get(action.name)
+        agent = ctx.sup.get(action.name, action.id)
         if agent.is_ended or agent.kill_requested:
             raise FailedPrecondition(
                 f"agent {agent.name!r} has ended or is being ended; nothing to {rpc}")

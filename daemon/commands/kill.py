@@ -23,7 +23,10 @@ class Killed:
 
 def act(ctx: Ctx, envelope: agentd_pb2.Envelope) -> Killed:
     """Admit, then kill and verify. Nothing slow: no fsync, no log write. Raises AgentdError."""
-    vc, agent = ctx.gate.admit(envelope, "kill", lambda vc: ctx.sup.get(vc.command.kill.name))
+    def precheck(vc: VerifiedCommand) -> Agent:
+        return ctx.sup.get(vc.command.kill.name, vc.command.kill.id)
+
+    vc, agent = ctx.gate.admit(envelope, "kill", precheck)
     accepted = time.monotonic()
     agent.request_end("killed")
     outcome = killer.kill(agent, accepted_at=accepted,

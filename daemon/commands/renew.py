@@ -25,7 +25,7 @@ def run(ctx: Ctx, envelope: agentd_pb2.Envelope) -> Renewed:
     """Admit, commit, renew. Raises AgentdError (audited)."""
     def precheck(vc: VerifiedCommand) -> Agent:
         runspec.check_ttl(vc.command.renew.ttl_ms, ctx.cfg)
-        agent = ctx.sup.get(vc.command.renew.name)
+        agent = ctx.sup.get(vc.command.renew.name, vc.command.renew.id)
         if agent.kill_requested or agent.is_ended:
             raise ended_error(agent)
         return agent

@@ -37,7 +37,7 @@ def begin(ctx: Ctx, envelope: agentd_pb2.Envelope) -> Stopping:
             raise InvalidArgument(
                 f"grace period {grace:g}s exceeds the daemon's maximum of "
                 f"{ctx.cfg.max_grace_s:g}s")
-        return ctx.sup.get(action.name), grace
+        return ctx.sup.get(action.name, action.id), grace
 
     vc, (agent, grace) = ctx.gate.admit(envelope, "stop", precheck)
     accepted = time.monotonic()

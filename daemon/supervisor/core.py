@@ -26,8 +26,10 @@ from daemon.errors import (
     AgentNotFound,
     CgroupError,
     EstopDuringLaunch,
+    InvalidArgument,
     LaunchFailed,
     SandboxNotApplied,
+    WrongRun,
 )
 from daemon.monitor.rules import RuleSet
 from daemon.monitor.rules import builtin as builtin_rules
@@ -44,6 +46,12 @@ from daemon.supervisor.reactor import LogSink, Reactor
 from daemon.users import AgentUser, allocate_dynamic
 
 log = logging.getLogger(__name__)
+# Replaced runs whose end is remembered (WrongRun's message); a few KiB.
+_REPLACED_KEPT = 256
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 class Supervisor:
@@ -68,6 +76,9 @@ class Supervisor:
         self._reserved: set[str] = set()
         # Dynamic uids handed out to launches still starting (under _launch_lock).
         self._reserved_uids: set[int] = set()
+        # (name, agent id) -> when it ended, for runs a newer one of the same
+        # name replaced (only to say so when a command names one; bounded).
+        self._replaced: dict[tuple[str, str], float] = {}
         self.policies = Policies(cfg)
         # Whether the guardian has killed every agent cgroup (attach_guardian).
         self._guardian_acted: Callable[[], bool] = lambda: False
@@ -179,11 +190,31 @@ class Supervisor:
         return [a for a in list(self._agents.values()) if not a.is_ended]
 
     # --------------------------------------------------------------- reads
-    def get(self, name: str) -> Agent:
+    def get(self, name: str, run_id: str = "") -> Agent:
+        """The newest agent named name (running or ended), or AgentNotFound.
+
+        run_id, when given, pins the run: the agent is returned only if it
+        is that run, else WrongRun. The caller acts on the object returned,
+        so a run that replaces this one after the check is never touched.
+        """
+        if run_id and not name:
+            raise InvalidArgument(
+                f"the command names run {run_id!r} but no agent; a run is named by both")
         agent = self._agents.get(name)
         if agent is None:
             raise AgentNotFound(f"no agent named {name!r} (see 'agentctl ps')")
+        if run_id and agent.id != run_id:
+            raise self._wrong_run(agent, run_id)
         return agent
+
+    def _wrong_run(self, current: Agent, run_id: str) -> WrongRun:
+        ended = self._replaced.get((current.name, run_id))
+        then = (f"; that run ended at {_utc(ended)}" if ended is not None
+                else f"; this daemon knows no run {run_id!r} of {current.name!r}")
+        return WrongRun(
+            f"agent {current.name!r} is now run {current.id} ({current.state.value}, started at "
+            f"{_utc(current.started_at)}), not {run_id!r}, which this command names{then} "
+            f"— re-sign for the current run (see 'agentctl status {current.name}')")
 
     def agents(self) -> list[Agent]:
         return sorted(self._agents.values(), key=lambda a: a.name)
@@ -300,8 +331,19 @@ class Supervisor:
             # its exec the agent's first process is still bwrap. A failed
             # one stays listed, killed, with the checks that failed.
             with self._launch_lock:
+                replaced = self._agents.get(action.name)
+                if replaced is not None:
+                    self._remember_replaced(replaced)
                 self._agents[action.name] = agent
         return agent
+
+    def _remember_replaced(self, agent: Agent) -> None:
+        """Keep when a replaced run ended, for WrongRun's message (under _launch_lock)."""
+        if len(self._replaced) >= _REPLACED_KEPT:
+            del self._replaced[next(iter(self._replaced))]
+        # A run is replaced only once ended (launch refuses otherwise).
+        ended = agent.ended_at if agent.ended_at is not None else time.time()
+        self._replaced[(agent.name, agent.id)] = ended
 
     def _watch(self, agent: Agent, spawned: launcher.Spawned, prepared: sandboxing.Prepared,
                spec: runspec.RunSpec, *, started: float, sinks: list[LogSink]) -> None:

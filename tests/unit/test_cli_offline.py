@@ -277,6 +277,50 @@ def test_stop_sign_only_with_and_without_grace(key_file: Path) -> None:
     assert not without.stop.HasField("grace_ms")
 
 
+@pytest.mark.parametrize("verb", ["stop", "kill", "freeze", "thaw", "renew"])
+def test_sign_only_names_the_run_given_with_id(key_file: Path, verb: str) -> None:
+    base = ["--key", str(key_file), verb, "rogue", "--sign-only", "--audience", "h"]
+
+    env, pinned = _envelope(invoke([*base, "--id", "rogue-1a2b3c4d"]))
+    _, unpinned = _envelope(invoke(base))
+
+    _assert_signed_by(env, key_file)
+    assert pinned.WhichOneof("action") == verb
+    assert getattr(pinned, verb).name == "rogue"
+    assert getattr(pinned, verb).id == "rogue-1a2b3c4d"
+    # Without --id: the command acts on whatever run holds the name.
+    assert getattr(unpinned, verb).id == ""
+
+
+def test_renew_sign_only_carries_the_ttl(key_file: Path) -> None:
+    base = ["--key", str(key_file), "renew", "rogue", "--sign-only", "--audience", "h"]
+
+    _, default = _envelope(invoke(base))
+    _, longer = _envelope(invoke([*base, "--ttl", "2h"]))
+    zero = invoke([*base, "--ttl", "0s"])
+
+    assert default.renew.ttl_ms == 30_000
+    assert longer.renew.ttl_ms == 7_200_000
+    assert zero.exit_code == 2
+    assert "'--ttl': must be between 1ms and 49 days" in zero.stderr
+
+
+def test_cosign_shows_the_run_a_command_names(key_file: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    assert invoke(["keygen", "--out", str(other)]).exit_code == 0
+    for extra, shown in (([], "kill 'rogue' for host"),
+                         (["--id", "rogue-1a2b3c4d"], "kill 'rogue' (run 'rogue-1a2b3c4d') for")):
+        signed = invoke(["--key", str(key_file), "kill", "rogue", "--sign-only",
+                         "--audience", "h", *extra])
+        path = tmp_path / "kill.env"
+        path.write_text(signed.stdout)
+
+        result = invoke(["--key", str(other), "cosign", str(path)])
+
+        assert result.exit_code == 0, result.stderr
+        assert result.stderr.startswith(f"co-signing: {shown}"), result.stderr
+
+
 def test_signing_key_from_the_environment(key_file: Path) -> None:
     result = invoke(
         ["kill", "x", "--sign-only", "--audience", "h"], env={"AGENTCTL_KEY": str(key_file)}
@@ -671,6 +715,9 @@ class FakeAgentd(agentd_pb2_grpc.AgentdServicer):
         self.fail: tuple[grpc.StatusCode, str] | None = None
         self.hold: threading.Event | None = None  # Kill waits for it: a slow kill
         self.received: list[tuple[str, agentd_pb2.Envelope, float]] = []
+        self.looked_up = 0  # GetAgent calls
+        # Renew: after this many renewals, the agent's run is replaced (a new id).
+        self.replace_after: int | None = None
 
     def _check(self, context: grpc.ServicerContext) -> None:
         if self.fail is not None:
@@ -685,6 +732,7 @@ class FakeAgentd(agentd_pb2_grpc.AgentdServicer):
         return agentd_pb2.ListAgentsResponse(agents=self.agents)
 
     def GetAgent(self, request: Any, context: grpc.ServicerContext) -> agentd_pb2.Agent:
+        self.looked_up += 1
         self._check(context)
         for agent in self.agents:
             if agent.name == request.name:
@@ -708,6 +756,20 @@ class FakeAgentd(agentd_pb2_grpc.AgentdServicer):
         if self.hold is not None:
             self.hold.wait(10)
         return self.kill_result
+
+    def Renew(self, request: agentd_pb2.Envelope, context: grpc.ServicerContext) -> Any:
+        """As the daemon: a renew that names a run other than the current one is refused."""
+        self._signed("Renew", request, context)
+        agent = self.agents[0]
+        renews = sum(1 for rpc, _, _ in self.received if rpc == "Renew")
+        if self.replace_after is not None and renews > self.replace_after:
+            agent.id = "rogue-9f8e7d6c"
+        action = agentd_pb2.Command.FromString(request.payload).renew
+        if action.id and action.id != agent.id:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"agent 'rogue' is now run {agent.id}, not {action.id}")
+        return agentd_pb2.LeaseResult(name=agent.name, id=agent.id, ttl_ms=action.ttl_ms,
+                                      remaining_ms=action.ttl_ms - 0.5)
 
 
 @pytest.fixture
@@ -990,6 +1052,71 @@ def test_ps_json_keeps_numbers(fake: tuple[FakeAgentd, Path]) -> None:
     assert doc["agents"][0]["memory_bytes"] == 12 << 20
     assert doc["agents"][0]["resources"]["memory_bytes"] == 512 << 20
     assert doc["agents"][0]["pids"] == [4242, 4243]
+
+
+def test_online_kill_by_name_alone_names_no_run(
+    fake: tuple[FakeAgentd, Path], key_file: Path
+) -> None:
+    """The on-call path: 'kill NAME' ends whatever runs under NAME now, no lookup first."""
+    servicer, sock = fake
+    servicer.agents = [_agent()]
+
+    result = invoke(["--socket", str(sock), "--key", str(key_file), "kill", "rogue"])
+
+    assert result.exit_code == 0, result.stderr
+    (_, env, _), = servicer.received
+    assert agentd_pb2.Command.FromString(env.payload).kill.id == ""
+    assert servicer.looked_up == 0
+
+
+def test_keepalive_pins_the_run_it_started_on(
+    fake: tuple[FakeAgentd, Path], key_file: Path
+) -> None:
+    servicer, sock = fake
+    servicer.agents = [_agent()]
+
+    result = invoke(["--socket", str(sock), "--key", str(key_file), "keepalive", "rogue",
+                     "--every", "1ms", "--ttl", "1s", "--count", "3"])
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "renewed 'rogue' (run a-1): lease 1s, 1.0s left\n" * 3
+    renews = [agentd_pb2.Command.FromString(env.payload).renew
+              for rpc, env, _ in servicer.received if rpc == "Renew"]
+    assert [(r.name, r.id, r.ttl_ms) for r in renews] == [("rogue", "a-1", 1000)] * 3
+    assert servicer.looked_up == 1  # once, at the start
+
+
+def test_keepalive_exits_11_when_its_run_is_replaced(
+    fake: tuple[FakeAgentd, Path], key_file: Path
+) -> None:
+    servicer, sock = fake
+    servicer.agents = [_agent()]
+    servicer.replace_after = 2
+
+    result = invoke(["--socket", str(sock), "--key", str(key_file), "keepalive", "rogue",
+                     "--every", "1ms", "--ttl", "1s", "--count", "5"])
+
+    assert result.exit_code == 11, result.stderr
+    assert result.stdout.count("renewed 'rogue' (run a-1)") == 2
+    assert result.stderr == (
+        "agentctl: error: RENEWAL REFUSED for 'rogue' (run a-1): FAILED_PRECONDITION: agent "
+        "'rogue' is now run rogue-9f8e7d6c, not a-1 -- the agent will be killed when its "
+        "lease runs out\n"
+    )
+
+
+def test_keepalive_with_id_does_not_look_the_run_up(
+    fake: tuple[FakeAgentd, Path], key_file: Path
+) -> None:
+    servicer, sock = fake
+    servicer.agents = [_agent()]
+
+    result = invoke(["--socket", str(sock), "--key", str(key_file), "keepalive", "rogue",
+                     "--id", "rogue-0ld", "--every", "1ms", "--ttl", "1s", "--count", "1"])
+
+    assert result.exit_code == 11
+    assert "(run rogue-0ld)" in result.stderr
+    assert servicer.looked_up == 0
 
 
 def test_send_picks_the_rpc_from_the_payload(
