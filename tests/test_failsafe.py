@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -369,3 +370,48 @@ def test_keepalive_exits_11_when_its_run_is_replaced(daemon: Daemon, hostile: Pa
     assert now.lease_ttl_ms == 60_000
     assert wait_for(lambda: len(_refusals(d, a.id)) == 1, 10)
     d.kill(name)
+
+
+def test_an_estop_racing_a_launch_leaves_no_agent_alive(fresh_daemon: Daemon) -> None:
+    """Estops sent at staggered moments after a run: whichever side wins, nothing survives.
+
+    Before the run is admitted, the latch refuses it; while it starts, the
+    launch sees the latch and kills its own agent (it was not in the estop's
+    snapshot); once it runs, the estop kills it. Each attempt ends with every
+    run of the name ended and its cgroup empty.
+    """
+    d = fresh_daemon
+    outcomes: list[str] = []
+    for i, delay in enumerate([0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08]):
+        name = f"race-{i}"
+        run_result: list[object] = []
+        runner = threading.Thread(
+            target=lambda n=name, out=run_result: out.append(_try_run(d, n)))
+        runner.start()
+        time.sleep(delay)
+        _estop(d)
+        runner.join(60)
+        assert not runner.is_alive()
+        (res,) = run_result
+        if isinstance(res, grpc.RpcError):
+            details = res.details() or ""
+            outcomes.append("killed while starting" if "while the agent was starting" in details
+                            else "refused")
+            assert res.code() == grpc.StatusCode.FAILED_PRECONDITION, details
+        else:
+            outcomes.append("killed by the estop")
+        listed = [a for a in d.stub.ListAgents(agentd_pb2.ListAgentsRequest(), timeout=30).agents
+                  if a.name == name]
+        for a in listed:
+            assert wait_for(lambda n=a.name: d.get(n).state in (
+                agentd_pb2.AGENT_STATE_KILLED, agentd_pb2.AGENT_STATE_EXITED), 30), a
+            assert all(pids_in(p) == [] for p in a.cgroup_paths if Path(p).exists())
+        d.stub.Reset(_reset_env(d, d.keys.admin), timeout=30)
+    print("estop vs launch:", outcomes)
+
+
+def _try_run(d: Daemon, name: str) -> object:
+    try:
+        return d.run(name, ["/bin/sleep", "1000"])
+    except grpc.RpcError as err:
+        return err
