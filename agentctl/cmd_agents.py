@@ -293,6 +293,8 @@ def report_kill(settings: Settings, result: agentd_pb2.KillResult, verb: str) ->
         emit_json(render.to_dict(result))
     else:
         click.echo(render.kill_text(settings.shown(result), verb))
+    if result.audit_pending:
+        click.echo(f"warning: {render.AUDIT_PENDING}", err=True)
     if not result.verified_empty:
         pids = " ".join(str(p.pid) for p in result.stuck) or "unknown"
         err = KillIncomplete(
@@ -320,6 +322,8 @@ def report_estop(settings: Settings, result: agentd_pb2.EstopResult) -> None:
         emit_json(render.to_dict(result))
     else:
         click.echo(render.estop_text(settings.shown(result)))
+    if result.audit_pending:
+        click.echo(f"warning: {render.AUDIT_PENDING}", err=True)
     if not result.all_verified_empty:
         err = KillIncomplete("emergency stop incomplete: processes still present; "
                              "agentd keeps watching them")

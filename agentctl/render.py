@@ -259,6 +259,10 @@ def top_table(agents: list[agentd_pb2.Agent], now: datetime) -> str:
 
 
 # ------------------------------------------------------------------- kills
+AUDIT_PENDING = ("done, but its audit record is not on disk yet (the daemon's disk is full "
+                 "or slow); agentd keeps it and writes it, in order, as soon as it can")
+
+
 def kill_text(result: agentd_pb2.KillResult, verb: str) -> str:
     """What a stop or kill (*verb*) did, e.g.
 

@@ -1236,3 +1236,34 @@ def test_the_installed_entry_point_runs() -> None:
     assert proc.returncode == 7
     assert proc.stderr == UNREACHABLE.format(sock)
 
+
+
+def test_a_kill_whose_record_is_pending_succeeds_and_says_so(
+        fake: tuple[FakeAgentd, Path], key_file: Path) -> None:
+    """A full disk: the kill happened (exit 0, the same result line), with a warning on stderr."""
+    servicer, sock = fake
+    servicer.kill_result.audit_pending = True
+
+    result = invoke(["--socket", str(sock), "--key", str(key_file), "kill", "rogue"])
+
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == (
+        "killed 'rogue': 3 processes, cgroup verified empty in 1.8 ms (cgroup.kill)\n"
+    )
+    assert result.stderr == ("warning: done, but its audit record is not on disk yet (the "
+                             "daemon's disk is full or slow); agentd keeps it and writes it, "
+                             "in order, as soon as it can\n")
+
+
+def test_stop_class_commands_go_to_the_emergency_socket(
+        fake: tuple[FakeAgentd, Path], key_file: Path, tmp_path: Path) -> None:
+    """--stop-socket: kill goes there (Info for the audience too); the control socket is unused."""
+    servicer, sock = fake
+    missing = tmp_path / "no-such.sock"
+    result = invoke(["--socket", str(missing), "--stop-socket", str(sock), "--key",
+                     str(key_file), "kill", "rogue"])
+    assert result.exit_code == 0, result.stderr
+    assert [r[0] for r in servicer.received] == ["Kill"]
+    # Everything else still goes to the control socket.
+    result = invoke(["--socket", str(missing), "--stop-socket", str(sock), "ps"])
+    assert result.exit_code == 7, result.stdout
