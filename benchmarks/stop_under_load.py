@@ -235,9 +235,24 @@ def _followers(d: Daemon, n: int) -> Iterator[str]:
         d.kill(name)
 
 
+def _is_refusal(r: dict[str, Any]) -> bool:
+    return (r["event"] == "commands_rejected_summary"
+            or (r["event"] == "command" and r.get("decision") == "rejected"))
+
+
 def _audit_rejected(d: Daemon) -> int:
-    return sum(1 for r in d.audit_records()
-               if r["event"] == "command" and r.get("decision") == "rejected")
+    return sum(1 for r in d.audit_records() if _is_refusal(r) and "count" not in r)
+
+
+def _refusal_bytes(d: Daemon, offset: int) -> int:
+    """Bytes of refusal records (one by one or summaries) in the audit log past offset.
+
+    The kills measured meanwhile, and their agents' runs, write records too;
+    they are not the flood's.
+    """
+    with open(d.audit_log, "rb") as f:
+        f.seek(offset)
+        return sum(len(line) for line in f if _is_refusal(json.loads(line)))
 
 
 # -------------------------------------------------------------------- rows
@@ -281,7 +296,7 @@ def run_rows(d: Daemon, size: dict[str, int], reps: int, flood_s: float) -> list
     with _idle_connections(d.socket, size["idle"]) as counts:
         rows.append(_row(f"{size['idle']} idle connections", dict(counts), kills()))
 
-    before_rejected = _audit_rejected(d)
+    before_rejected, before_size = _audit_rejected(d), d.audit_log.stat().st_size
     flood = FloodProcesses(d.socket, size["flood"], flood_s, FLOOD_MAX_PER_PROCESS)
     try:
         deadline = time.monotonic() + 60
@@ -290,7 +305,7 @@ def run_rows(d: Daemon, size: dict[str, int], reps: int, flood_s: float) -> list
         size_a, t_a = d.audit_log.stat().st_size, time.monotonic()
         flood_kills = kills()
         sent = flood.results(timeout=flood_s + 120)
-        size_b, t_b = d.audit_log.stat().st_size, time.monotonic()
+        t_b = time.monotonic()
     finally:
         flood.close()
     total = sum(r["sent"] for r in sent)
@@ -298,8 +313,10 @@ def run_rows(d: Daemon, size: dict[str, int], reps: int, flood_s: float) -> list
     for r in sent:
         for c, k in r["codes"].items():
             codes[c] = codes.get(c, 0) + k
-    audit = {"bytes_after_burst": size_b - size_a, "seconds": round(t_b - t_a, 2),
-             "bytes_per_hour": (size_b - size_a) / (t_b - t_a) * 3600}
+    grown = _refusal_bytes(d, size_a)
+    audit = {"burst_bytes": _refusal_bytes(d, before_size) - grown,
+             "bytes_after_burst": grown, "seconds": round(t_b - t_a, 2),
+             "bytes_per_hour": grown / (t_b - t_a) * 3600}
     rows.append(_row(f"keyless flood ({size['flood']} procs)",
                      {"sent": total, "per_s": round(total / max(r["seconds"] for r in sent)),
                       "codes": codes}, flood_kills, audit=audit))
