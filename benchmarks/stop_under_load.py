@@ -67,7 +67,7 @@ FLOOD_MAX_PER_PROCESS = 1_000_000
 STUBBORN = ["/bin/sh", "-c", "trap '' TERM; exec sleep 1000"]  # SIG_IGN survives execve(2)
 LOG_BYTES = 16 * 1024 * 1024
 TARGETS = ("CLI wall median <= 2x quiet; daemon-reported median <= quiet + 5 ms; "
-           "zero survivors; audit growth <= 1 MiB per hour of flood")
+           "every kill served; zero survivors; audit growth <= 1 MiB per hour of flood")
 MiB = 1024 * 1024
 
 
@@ -337,7 +337,8 @@ def judge(rows: list[dict[str, Any]]) -> None:
         met = {
             "cli_wall": r["cli_wall_ms"]["median"] <= 2 * quiet["cli_wall_ms"]["median"],
             "daemon": r["daemon_ms"]["median"] <= quiet["daemon_ms"]["median"] + 5.0,
-            "survivors": r["survivors"] == 0 and r["failed"] == 0,
+            "served": r["failed"] == 0,
+            "survivors": r["survivors"] == 0,
         }
         if r["audit"] is not None:
             met["audit"] = r["audit"]["bytes_per_hour"] <= MiB
