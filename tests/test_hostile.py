@@ -258,3 +258,20 @@ def test_a_stop_whose_client_goes_away_still_ends_the_agent(daemon: Daemon,
     command_id = cmd.command_id.hex()
     assert wait_for(lambda: [r for r in daemon.audit_records() if r["event"] == "result"
                              and r.get("command_id") == command_id], 30), "stop not recorded"
+
+
+def test_a_stop_cut_short_by_a_kill_does_not_credit_its_sigterm(daemon: Daemon,
+                                                                hostile: Path) -> None:
+    """A SIGTERM-ignoring agent in its grace period, then killed: the stop reports the kill."""
+    agent, _ = _launch(daemon, hostile, "ignore_term.py")
+    cmd = daemon.command()
+    cmd.stop.name = agent.name
+    cmd.stop.grace_ms = 120_000
+    stopping = daemon.stub.Stop.future(daemon.sign(cmd, daemon.keys.oncall), timeout=120)
+    assert wait_for(lambda: daemon.get(agent.name).state == agentd_pb2.AGENT_STATE_STOPPING, 30)
+    killed = daemon.kill(agent.name)
+    assert killed.verified_empty
+    stopped = stopping.result()
+    assert stopped.verified_empty
+    assert stopped.terminated_by_sigterm == 0, stopped
+    assert stopped.method in ("cgroup.kill", "freeze-and-kill"), stopped

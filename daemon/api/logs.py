@@ -14,10 +14,9 @@ other read-only calls.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +26,9 @@ if TYPE_CHECKING:
     from daemon.supervisor.agent import Agent
 
 DEFAULT_TAIL = 64 * 1024
+# A larger tail is cut to this: a follower's tail is read into memory, and
+# 100 followers asking 16 MiB each held the API for seconds (issue 10).
+MAX_TAIL = 1024 * 1024
 CHUNK = 64 * 1024  # bytes per LogChunk message
 POLL_S = 0.1
 # After the agent ended, the reactor may still be draining its pipes: stop
@@ -130,29 +132,23 @@ def stream(agent: Agent, *, tail_bytes: int, follow: bool,
     Following ends once the agent has ended and nothing more arrives, or
     active() turns false (the client went away). Raises FailedPrecondition
     if a log file exists but cannot be read. Sleeps between polls: for a
-    thread; the API uses astream().
+    thread; the API steps through chunks() on its work lane.
     """
-    for chunk in _chunks(agent, tail_bytes=tail_bytes, follow=follow, active=active):
+    for chunk in chunks(agent, tail_bytes=tail_bytes, follow=follow, active=active):
         if chunk is None:
             time.sleep(poll_s)
         else:
             yield chunk
 
 
-async def astream(agent: Agent, *, tail_bytes: int, follow: bool,
-                  active: Callable[[], bool], poll_s: float = POLL_S) -> AsyncIterator[Chunk]:
-    """stream(), waiting between polls without a thread (the API's asyncio loop)."""
-    for chunk in _chunks(agent, tail_bytes=tail_bytes, follow=follow, active=active):
-        if chunk is None:
-            await asyncio.sleep(poll_s)
-        else:
-            yield chunk
+def chunks(agent: Agent, *, tail_bytes: int, follow: bool,
+            active: Callable[[], bool]) -> Generator[Chunk | None, None, None]:
+    """The chunks of stream(), and None where it waits one poll for more.
 
-
-def _chunks(agent: Agent, *, tail_bytes: int, follow: bool,
-            active: Callable[[], bool]) -> Iterator[Chunk | None]:
-    """The chunks of stream(), and None where it waits one poll for more."""
-    n = tail_bytes or DEFAULT_TAIL
+    Each step reads files: the API runs it on the work lane, one step at a
+    time, never on its loop. The tail is at most MAX_TAIL.
+    """
+    n = min(tail_bytes or DEFAULT_TAIL, MAX_TAIL)
     followers = [_Follower("stdout", agent.stdout_log), _Follower("stderr", agent.stderr_log)]
     try:
         for f in followers:

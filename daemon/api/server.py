@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 GRPC_MAX_MESSAGE = 4 * 1024 * 1024
 RECEIVE_DEADLINE_S = 5.0
 MAX_STREAMS_PER_CONNECTION = 100
-IDLE_MS = 30_000
+IDLE_MS = 10_000
 AGENTD_SERVICE = agentd_pb2.DESCRIPTOR.services_by_name["Agentd"].full_name
 # What the emergency socket serves, and how much of it.
 STOP_METHODS = frozenset({"Kill", "Stop", "Estop", "Freeze", "Info"})

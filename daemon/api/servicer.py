@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 from agentd.v1 import agentd_pb2
@@ -243,10 +243,18 @@ class Servicer:
                 f"agentd follows at most {MAX_LOG_FOLLOWERS} logs at once and all are in use; "
                 "end a follower (agentctl logs -f) or try again later")
         self._log_followers += request.follow
+        steps = logs.chunks(agent, tail_bytes=request.tail_bytes, follow=request.follow,
+                            active=lambda: not context.done())
         try:
-            async for name, data in logs.astream(agent, tail_bytes=request.tail_bytes,
-                                                 follow=request.follow,
-                                                 active=lambda: not context.done()):
+            while True:
+                # Each step reads files: on the work lane, never on this loop.
+                step = await self.lanes.work(lambda: next(steps, _END))
+                if step is _END:
+                    return
+                if step is None:
+                    await asyncio.sleep(logs.POLL_S)
+                    continue
+                name, data = cast(logs.Chunk, step)
                 yield agentd_pb2.LogChunk(stream=name, data=data)
         except asyncio.CancelledError:
             raise
@@ -258,12 +266,19 @@ class Servicer:
                          "internal error in agentd; see its log")
         finally:
             self._log_followers -= request.follow
+            # Closes its files; if a step still runs in the work lane, the
+            # generator is closed when it is collected instead.
+            with contextlib.suppress(ValueError):
+                steps.close()
 
 
 async def _abort(context: Context, code: grpc.StatusCode,
                  message: str) -> NoReturn:
     await context.abort(code, message)
     raise AssertionError("unreachable")  # context.abort raises
+
+
+_END = object()  # the end of a log stream's steps
 
 
 def _finished(task: asyncio.Task[Any]) -> None:

@@ -59,6 +59,8 @@ class AgentCgroup:
         # another open(), and a kill must never write "1" to someone else's
         # file. Held only around one syscall or the close itself.
         self._handles = threading.Lock()
+        # The method of a kill written to this cgroup ("" until one is).
+        self.killed = ""
 
     # ----------------------------------------------------------- lifecycle
     def create(self) -> None:
@@ -176,6 +178,9 @@ class AgentCgroup:
         use: stop forks (pids.max = 0), freeze, SIGKILL every member, thaw,
         until a pass finds nobody.
         """
+        # Before the write: a stop whose grace period ends meanwhile must not
+        # credit its SIGTERM with what this kill did (killer.finish_stop).
+        self.killed = KILL_METHOD if self.tree.has_cgroup_kill else FALLBACK_METHOD
         if self.tree.has_cgroup_kill:
             with self._handles:
                 if self._kill_fd >= 0:

@@ -84,11 +84,15 @@ def finish_stop(agent: Agent, term: Termination, *, verify_timeout: float) -> Ki
         return term.outcome
     group = agent.cgroup
     if not group.populated():
+        # Empty: by the SIGTERM, or by a kill that came meanwhile (a signed
+        # kill, an estop, a lease, a tripwire), which the SIGTERM must not
+        # be credited with.
+        by_kill = bool(group.killed)
         return KillOutcome(
             processes_killed=len(term.at_term),
-            terminated_by_sigterm=len(term.at_term),
+            terminated_by_sigterm=0 if by_kill else len(term.at_term),
             duration_ms=(time.monotonic() - term.accepted_at) * 1e3,
-            method="SIGTERM",
+            method=group.killed or "SIGTERM",
         )
     at_kill, out = _kill_and_verify(group, term.accepted_at, verify_timeout)
     out.processes_killed = len(term.at_term | at_kill)

@@ -121,3 +121,14 @@ def test_a_planted_symlink_or_file_at_the_log_path_is_never_written_through(
     assert victim.read_text() == "precious\n"
     assert (tmp_path / "b.log.1").read_bytes() == b"0123456789"
     assert not (tmp_path / "b.log.1").is_symlink()
+
+
+def test_a_tail_is_at_most_max_tail(tmp_path: Path) -> None:
+    """A client asking for a huge tail gets MAX_TAIL: the tail is read into the daemon's memory."""
+    from daemon.api.logs import MAX_TAIL
+
+    a = _agent(tmp_path)
+    a.stdout_log.write_bytes(b"x" * (MAX_TAIL + 4096) + b"END")
+    got = _collect(a, tail_bytes=1 << 40, follow=False, active=lambda: True)
+    assert len(got["stdout"]) == MAX_TAIL
+    assert got["stdout"].endswith(b"END")
