@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +35,8 @@ _log = logging.getLogger(__name__)
 _MAX_PROBLEMS_RECORDED = 20
 # Records kept in memory while the disk refuses them (a few hundred bytes each).
 MAX_BACKLOG = 100_000
+# Records written per fsync, and per hold of the log's lock, when a backlog drains.
+FLUSH_CHUNK = 1000
 
 
 def _utcnow() -> datetime:
@@ -60,9 +63,10 @@ class AuditLog:
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         # Records the disk has not taken yet, in order, unchained:
         # (event, ts, fields). See append().
-        self._backlog: list[tuple[str, datetime, dict[str, Any]]] = []
+        self._backlog: deque[tuple[str, datetime, dict[str, Any]]] = deque()
         self._dropped: list[Any] = [0, ""]  # [count, first event] past MAX_BACKLOG
         self._failing = ""  # why the last write failed; "" when healthy
+        self._unsynced = False  # lines written since the last fsync and head
 
     def add_listener(self, fn: Callable[[dict[str, Any]], None]) -> None:
         """Call fn(record) after each durable append (events, metrics).
@@ -136,32 +140,39 @@ class AuditLog:
                 self._dropped[0] += 1
                 self._dropped[1] = self._dropped[1] or event
                 mine = False
-            written = self._flush_locked()
-        durable = mine and not self._backlog
+            self._flush_locked()
+            # Read under the lock: another append may move the head at once.
+            durable = mine and not self._backlog and not self._unsynced
+            seq = self._head[0]
         # Listeners (events, metrics, journal) hear of a waiting record at
         # once, marked as such; it is not repeated when it reaches the disk.
-        record = {"ts": ts.timestamp(), "event": event, **fields}
-        if written and durable:
-            record["seq"] = self._head[0]
-        elif not durable:
+        record: dict[str, Any] = {"ts": ts.timestamp(), "event": event, **fields}
+        if durable:
+            record["seq"] = seq
+        else:
             record["audit_pending"] = True
         self._notify(record)
         return durable
 
     def append_or_refuse(self, event: str, **fields: Any) -> None:
-        """Append one record and make it durable, or raise AuditUnavailable having added nothing.
+        """Append one record and make it durable, or raise AuditUnavailable.
 
         For commands that start or loosen something (run, thaw, renew,
         reset): they act only once their record is on disk, and are refused,
-        naming the path and the error, while the log cannot be written.
+        naming the path and the error, while the log cannot be written. A
+        record the disk refused is not added. One whose line was written but
+        could not be made durable (fsync, head) stays in the chain, and the
+        caller's refusal record follows it.
         """
         ts = self._clock()
         with self._lock:
             self._flush_locked()
-            if self._backlog or self._failing:
+            if self._backlog or self._failing or self._unsynced:
                 raise AuditUnavailable(self._unavailable_message())
             try:
-                self._write_record(event, ts, fields)
+                self._chain_line(event, ts, fields)
+                self._sync_and_write_head()
+                self._unsynced = False
             except AuditWriteError as err:
                 self._failing = err.message
                 raise AuditUnavailable(self._unavailable_message()) from err
@@ -169,10 +180,18 @@ class AuditLog:
         self._notify({"seq": seq, "ts": ts.timestamp(), "event": event, **fields})
 
     def flush(self) -> bool:
-        """Write what waits, if the disk takes it now. True when nothing is left waiting."""
-        with self._lock:
-            self._flush_locked()
-            return not self._backlog and not self._failing
+        """Write what waits, if the disk takes it now. True when nothing is left waiting.
+
+        In chunks of FLUSH_CHUNK records, the lock let go between them: a
+        long backlog never holds the log (and the commands that wait on it)
+        for the whole of its writing.
+        """
+        while True:
+            with self._lock:
+                wrote = self._flush_locked()
+                done = not self._backlog and not self._failing and not self._unsynced
+            if done or not wrote:
+                return done
 
     @property
     def pending(self) -> int:
@@ -185,49 +204,53 @@ class AuditLog:
                 "loosen (run, thaw, renew, reset) are refused until it can be written; "
                 "stop, kill, estop and freeze still act. Free space on that file system")
 
-    def _flush_locked(self) -> bool:
-        """Write the waiting records in order, then any drop count; True if any was written."""
-        wrote = False
+    def _flush_locked(self) -> int:
+        """Write up to FLUSH_CHUNK waiting records in order, then any drop count, then sync.
+
+        One fsync and one head file for the whole chunk. A record leaves the
+        backlog as soon as its line is in the file, never twice: if the sync
+        or the head fails after that, the lines stay in the chain (not yet
+        durable) and the next flush syncs them. Returns how many were written.
+        """
+        wrote = 0
         try:
-            if self._failing and not self._backlog:
-                # Written but perhaps not durable, or the head lags: retry both.
-                self._sync_and_write_head()
-            while self._backlog:
+            while self._backlog and wrote < FLUSH_CHUNK:
                 event, ts, fields = self._backlog[0]
-                self._write_record(event, ts, fields)
-                self._backlog.pop(0)
-                wrote = True
-            if self._dropped[0]:
+                self._chain_line(event, ts, fields)
+                self._backlog.popleft()
+                wrote += 1
+            if self._dropped[0] and not self._backlog:
                 count, first = self._dropped
-                self._write_record("audit_records_dropped", self._clock(),
-                                   {"count": count, "first_event": first,
-                                    "max_backlog": MAX_BACKLOG})
+                self._chain_line("audit_records_dropped", self._clock(),
+                                 {"count": count, "first_event": first,
+                                  "max_backlog": MAX_BACKLOG})
                 self._dropped = [0, ""]
+                wrote += 1
+            if self._unsynced or (self._failing and not self._backlog):
+                # New lines, or earlier ones written but not made durable.
+                self._sync_and_write_head()
+                self._unsynced = False
         except AuditWriteError as err:
             if not self._failing:
                 _log.error("audit log unwritable, records wait in memory: %s", err.message)
             self._failing = err.message
             return wrote
-        if self._failing:
+        if self._failing and not self._backlog:
             _log.warning("audit log %s writable again", self._path)
-        self._failing = ""
+            self._failing = ""
         return wrote
 
-    def _write_record(self, event: str, ts: datetime, fields: dict[str, Any]) -> None:
-        """Chain, write, fsync one record and replace the head. Under the lock.
+    def _chain_line(self, event: str, ts: datetime, fields: dict[str, Any]) -> None:
+        """Chain and write one record's line (not yet synced). Under the lock.
 
-        A line the disk refused is cut off and not chained; one written but
-        not made durable (fsync, head) is in the chain, and the next write
-        syncs it and the head again.
+        A line the disk refused is cut off and not chained (AuditWriteError).
         """
         seq, prev = self._head
         line = auditchain.encode_record(seq=seq + 1, prev=prev, event=event, ts=ts,
                                         fields=fields)
         self._write_line(line + b"\n")
         self._head = (seq + 1, auditchain.record_hash(line))
-        # Under the lock, so that heads are written in seq order and the
-        # head file never goes backwards.
-        self._sync_and_write_head()
+        self._unsynced = True
 
     def _notify(self, record: dict[str, Any]) -> None:
         for fn in self._listeners:

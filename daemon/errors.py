@@ -167,6 +167,13 @@ class SandboxEscalation(PermissionDenied):
     reason = "sandbox_escalation"
 
 
+class Overloaded(AgentdError):
+    """More signed commands wait for verification on this socket than it queues."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "overloaded"
+
+
 class AgentNotFound(AgentdError):
     code = grpc.StatusCode.NOT_FOUND
     reason = "agent_not_found"

@@ -259,14 +259,19 @@ def test_edited_trust_store_is_picked_up(fresh_daemon: Daemon, hostile: Path) ->
     ts.write_text(ts.read_text() + f"late operator {new_key_line}\n")
     agent = d.run("late", [AGENT_PYTHON, str(hostile / "ignore_term.py")], key=d.keys.stranger)
     assert agent.started_by == "late"
-    # A malformed edit: everything is refused (fail closed) and the error names the line.
+    # A malformed edit: everything that starts or loosens is refused (fail
+    # closed) and the error names the line...
     ts.write_text(ts.read_text() + "garbage line\n")
     with pytest.raises(grpc.RpcError) as exc:
-        d.kill("late")
+        d.run("later", [AGENT_PYTHON, str(hostile / "ignore_term.py")])
     assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "line" in (exc.value.details() or "")
+    # ...but a broken edit never takes away a kill: the last good store serves
+    # stops, and the audit log says so.
+    assert d.kill("late").verified_empty
+    assert wait_for(lambda: [r for r in d.audit_records()
+                             if r["event"] == "trust_store_fallback" and r["rpc"] == "kill"], 30)
     ts.write_text(d.keys.trust_store())
-    d.kill("late")
 
 
 def test_running_daemon_prunes_its_replay_cache(tmp_root: Path, hostile: Path) -> None:

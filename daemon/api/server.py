@@ -44,10 +44,11 @@ from daemon.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
-# gRPC's own limit sits well above the daemon's envelope limit, so an
-# oversized envelope reaches the verifier and gets a clear, audited refusal;
-# only absurd sizes are cut off by gRPC itself.
-GRPC_MAX_MESSAGE = 4 * 1024 * 1024
+# gRPC's own limit sits above the daemon's envelope limit (64 KiB by
+# default), so a somewhat oversized envelope reaches the verifier and gets a
+# clear, audited refusal; larger ones are cut off by gRPC itself. Not much
+# above: each call waiting for verification holds its message in memory.
+GRPC_MAX_MESSAGE = 256 * 1024
 RECEIVE_DEADLINE_S = 5.0
 MAX_STREAMS_PER_CONNECTION = 100
 IDLE_MS = 10_000
@@ -177,7 +178,10 @@ class ApiServer:
     def __init__(self, servicer: Servicer, lanes: Lanes, *, socket_path: Path, gid: int | None,
                  stop_socket: tuple[Path, int | None] | None = None, max_connections: int = 2048,
                  last_tick: Callable[[], float], on_stop: Callable[[], None]) -> None:
+        """stop_socket: the emergency socket's path and group, served by a servicer of its own."""
         self._servicer = servicer
+        self._emergency = Servicer(servicer.ctx, lanes, servicer.info, events=servicer.events,
+                                   admission=lanes.emergency)
         self.lanes = lanes
         self._socket = socket_path
         self._gid = gid
@@ -191,7 +195,11 @@ class ApiServer:
         self._stopped = threading.Event()
         self._error: BaseException | None = None
         self._stop_grace: asyncio.Future[float | None] | None = None
-        self.probe = standard.SelfProbe(socket_path, AGENTD_SERVICE)
+        # Through the emergency socket where there is one: a flood of the
+        # control socket's connections must not look like a wedged daemon
+        # (that would let anyone in its group have every agent killed).
+        self.probe = standard.SelfProbe(stop_socket[0] if stop_socket else socket_path,
+                                        AGENTD_SERVICE)
 
     def start(self) -> None:
         self._thread.start()
@@ -225,7 +233,8 @@ class ApiServer:
         await _listen(server, self._socket, self._gid)
         if self._stop_socket is not None:
             emergency = grpc.aio.server(options=options(STOP_MAX_CONNECTIONS, STOP_MAX_STREAMS))
-            emergency.add_generic_rpc_handlers((_handlers(self._servicer, STOP_METHODS),))
+            emergency.add_generic_rpc_handlers((_handlers(self._emergency, STOP_METHODS),))
+            health.add_to(emergency)  # the self-probe's way in
             await _listen(emergency, *self._stop_socket)
             servers.append(emergency)
         await health.start()
@@ -235,7 +244,8 @@ class ApiServer:
         self._on_stop()  # event streams end cleanly before the grace period
         await asyncio.gather(*(s.stop(grace) for s in servers))
         # Stops whose clients went away run to their end (or the shutdown's kill).
-        await self._servicer.drain(timeout=grace or 0.0)
+        await asyncio.gather(self._servicer.drain(timeout=grace or 0.0),
+                             self._emergency.drain(timeout=grace or 0.0))
 
     def stop(self, grace: float | None) -> threading.Event:
         """Stop serving; the returned event is set once stopped.

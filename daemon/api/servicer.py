@@ -18,10 +18,11 @@ from agentd.v1 import agentd_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from daemon.api import convert, logs
-from daemon.api.lanes import Lanes
-from daemon.commands import estop, freeze, kill, renew, reset, run, stop
+from daemon.api.lanes import Admission, Lanes
+from daemon.auth import VerifiedCommand
+from daemon.commands import estop, freeze, kill, renew, reset, run, stop, transaction
 from daemon.commands.context import Ctx
-from daemon.errors import AgentdError
+from daemon.errors import AgentdError, Overloaded
 from daemon.events import RING_SIZE, Event, EventBus
 from daemon.supervisor.agent import Agent
 
@@ -29,10 +30,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
 
-# Event and log followers hold no thread, but each holds a little memory and
-# a stream of its connection: a bound all the same.
+# Event streams and log streams hold no thread, but each holds a little
+# memory and a stream of its connection, and a log stream two open files: a
+# bound all the same (a log stream whose client does not read holds them).
 MAX_EVENT_STREAMS = 16
-MAX_LOG_FOLLOWERS = 128
+MAX_LOG_STREAMS = 128
 # How often a follower with nothing to send looks again.
 EVENTS_POLL_S = 0.05
 # A refusal's reply waits this long at most for its audit record.
@@ -51,15 +53,18 @@ class Servicer:
     """One method per RPC: async def NAME(request, context)."""
 
     def __init__(self, ctx: Ctx, lanes: Lanes, info: Callable[[], agentd_pb2.InfoResponse],
-                 *, events: EventBus, max_event_streams: int = MAX_EVENT_STREAMS) -> None:
+                 *, events: EventBus, admission: Admission | None = None,
+                 max_event_streams: int = MAX_EVENT_STREAMS) -> None:
+        """admission: the socket's verification queue for stops (default: the control's)."""
         self.ctx = ctx
         self.sup = ctx.sup
         self.lanes = lanes
-        self._info = info
-        self._events = events
+        self.admission = admission or lanes.control
+        self.info = info
+        self.events = events
         self._max_event_streams = max_event_streams
         self._event_streams = 0
-        self._log_followers = 0
+        self._log_streams = 0
         # Stops under way, kept until done (the loop holds only weak references).
         self._stops: set[asyncio.Task[Any]] = set()
 
@@ -86,6 +91,24 @@ class Servicer:
         if self._stops:
             await asyncio.wait(set(self._stops), timeout=timeout)
 
+    async def _admit(self, request: agentd_pb2.Envelope, rpc: str, fn: Callable[[], T]) -> T:
+        """Verify a stop on this socket's admission lane (bounded: refuses when full)."""
+        try:
+            return await self.admission.run(fn)
+        except Overloaded as err:
+            self.ctx.gate.reject(request, rpc, err)
+            raise
+
+    async def _act(self, vc: VerifiedCommand, target: str, fn: Callable[[], T]) -> T:
+        """fn on the stop lane; an admitted stop that fails to act is recorded as failed."""
+        try:
+            return await self.lanes.stop(fn)
+        except Exception as err:
+            failed = err  # bound for the recorder thread: `err` is unset after the block
+            await self.lanes.record(
+                lambda: transaction.record_failed(self.ctx, vc, target, failed))
+            raise
+
     async def _call(self, context: Context, go: Awaitable[T]) -> T:
         try:
             return await go
@@ -104,7 +127,13 @@ class Servicer:
     # --------------------------------------------------------------- reads
     async def Info(self, request: agentd_pb2.InfoRequest,
                    context: Context) -> agentd_pb2.InfoResponse:
-        return await self._call(context, self.lanes.work(self._info))
+        # On the loop: every field is an in-memory read, and an on-call
+        # engineer's kill asks Info for its audience first; it must not
+        # queue behind the work lane.
+        async def go() -> agentd_pb2.InfoResponse:
+            return self.info()
+
+        return await self._call(context, go())
 
     async def ListAgents(self, request: agentd_pb2.ListAgentsRequest,
                          context: Context) -> agentd_pb2.ListAgentsResponse:
@@ -121,7 +150,9 @@ class Servicer:
     async def Kill(self, request: agentd_pb2.Envelope,
                    context: Context) -> agentd_pb2.KillResult:
         async def go() -> agentd_pb2.KillResult:
-            k = await self.lanes.stop(lambda: kill.act(self.ctx, request))
+            admitted = await self._admit(request, "kill", lambda: kill.admit(self.ctx, request))
+            k = await self._act(admitted[0], admitted[1].name,
+                                lambda: kill.act(self.ctx, admitted))
             durable = await self.lanes.record(lambda: kill.record(self.ctx, k))
             return _pending(convert.kill_result(k.agent, k.outcome), durable)
 
@@ -130,11 +161,15 @@ class Servicer:
     async def Stop(self, request: agentd_pb2.Envelope,
                    context: Context) -> agentd_pb2.KillResult:
         async def go() -> agentd_pb2.KillResult:
-            s = await self.lanes.stop(lambda: stop.begin(self.ctx, request))
+            admitted = await self._admit(request, "stop", lambda: stop.admit(self.ctx, request))
+            vc, (agent, _) = admitted
+            s = await self._act(vc, agent.name, lambda: stop.begin(self.ctx, admitted))
             if s.term.outcome is None:
-                # The grace period holds a coroutine, not a thread.
-                await _wait_empty(s.agent, time.monotonic() + s.grace_s)
-            out = await self.lanes.stop(lambda: stop.finish(self.ctx, s))
+                # The grace period holds a coroutine, not a thread. Whatever
+                # happens to the wait, the stop finishes (kills what is left).
+                with contextlib.suppress(Exception):
+                    await _wait_empty(s.agent, time.monotonic() + s.grace_s)
+            out = await self._act(vc, agent.name, lambda: stop.finish(self.ctx, s))
             durable = await self.lanes.record(lambda: stop.record(self.ctx, s, out))
             return _pending(convert.kill_result(s.agent, out), durable)
 
@@ -143,7 +178,8 @@ class Servicer:
     async def Estop(self, request: agentd_pb2.Envelope,
                     context: Context) -> agentd_pb2.EstopResult:
         async def go() -> agentd_pb2.EstopResult:
-            e = await self.lanes.stop(lambda: estop.act(self.ctx, request))
+            vc = await self._admit(request, "estop", lambda: estop.admit(self.ctx, request))
+            e = await self._act(vc, "*", lambda: estop.act(self.ctx, vc))
             durable = await self.lanes.record(lambda: estop.record(self.ctx, e))
             agents = [convert.kill_result(x.agent, x.outcome) for x in e.result.results]
             return agentd_pb2.EstopResult(
@@ -158,7 +194,10 @@ class Servicer:
     async def Freeze(self, request: agentd_pb2.Envelope,
                      context: Context) -> agentd_pb2.Agent:
         async def go() -> agentd_pb2.Agent:
-            f = await self.lanes.stop(lambda: freeze.act(self.ctx, request))
+            admitted = await self._admit(request, "freeze",
+                                         lambda: freeze.admit(self.ctx, request))
+            f = await self._act(admitted[0], admitted[1].name,
+                                lambda: freeze.act(self.ctx, admitted))
             await self.lanes.record(lambda: freeze.record(self.ctx, f))
             return self._agent(freeze.check_done(f))
 
@@ -211,7 +250,7 @@ class Servicer:
         self._event_streams += 1
         try:
             backlog = min(request.backlog, RING_SIZE)
-            with self._events.subscribe(backlog, request.agent or None,
+            with self.events.subscribe(backlog, request.agent or None,
                                         follow=request.follow) as sub:
                 while not context.done():
                     event = sub.next(timeout=0)
@@ -237,12 +276,12 @@ class Servicer:
             agent = self.sup.get(request.name)
         except AgentdError as err:
             await _abort(context, err.code, err.message)
-        if request.follow and self._log_followers >= MAX_LOG_FOLLOWERS:
+        if self._log_streams >= MAX_LOG_STREAMS:
             await _abort(
                 context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"agentd follows at most {MAX_LOG_FOLLOWERS} logs at once and all are in use; "
-                "end a follower (agentctl logs -f) or try again later")
-        self._log_followers += request.follow
+                f"agentd serves at most {MAX_LOG_STREAMS} log streams at once and all are in "
+                "use; end a follower (agentctl logs -f) or try again later")
+        self._log_streams += 1
         steps = logs.chunks(agent, tail_bytes=request.tail_bytes, follow=request.follow,
                             active=lambda: not context.done())
         try:
@@ -265,7 +304,7 @@ class Servicer:
             await _abort(context, grpc.StatusCode.INTERNAL,
                          "internal error in agentd; see its log")
         finally:
-            self._log_followers -= request.follow
+            self._log_streams -= 1
             # Closes its files; if a step still runs in the work lane, the
             # generator is closed when it is collected instead.
             with contextlib.suppress(ValueError):

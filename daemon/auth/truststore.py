@@ -161,6 +161,8 @@ class TrustStoreFile:
         self._stamp: tuple[int, int, int, int] | None = None
         self._store: TrustStore | None = None
         self._error: TrustStoreError | None = None
+        # The last version that loaded: stops only (for_stop()).
+        self._last_good: TrustStore | None = None
 
     def current(self) -> TrustStore:
         """The trust store as the file says now.
@@ -190,6 +192,26 @@ class TrustStoreFile:
             assert self._store is not None
             return self._store
 
+    def for_stop(self) -> tuple[TrustStore, str]:
+        """The store for a stop, kill, estop or freeze: current(), or the last good one.
+
+        Returns (store, why): why is "" when the file is good, else what is
+        wrong with it (the caller records that the last good version served).
+        A broken edit must not take away the on-call engineer's kill; a key
+        the broken edit meant to remove can then still stop agents, which
+        only ever makes the host safer. Everything that starts or loosens
+        gets no such fallback. Raises TrustStoreError if no version ever
+        loaded.
+        """
+        try:
+            return self.current(), ""
+        except TrustStoreError as err:
+            with self._lock:
+                last = self._last_good
+            if last is None:
+                raise
+            return last, err.message
+
     def _reload(self, st: os.stat_result) -> None:
         """Load the file into _store or _error, stamped with the version read.
 
@@ -205,6 +227,7 @@ class TrustStoreFile:
         self._stamp = stamp
         try:
             self._store, self._error = TrustStore.parse(text, str(self.path)), None
+            self._last_good = self._store
         except TrustStoreError as err:
             self._store, self._error = None, err
 

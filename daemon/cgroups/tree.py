@@ -170,8 +170,11 @@ class AgentCgroup:
                               str(self.v2 / "cpu.stat")) from err
 
     # ---------------------------------------------------------------- kill
-    def kill(self) -> str:
+    def kill(self, *, cleanup: bool = False) -> str:
         """SIGKILL every member at once. Returns the method used. Raises CgroupError.
+
+        cleanup: the daemon clearing what an ended main process left (not a
+        kill that ends the agent, so not remembered in .killed).
 
         cgroup.kill (Linux >= 5.14) kills atomically and copes with
         concurrent forks. Without it, fall back to the loop systemd and snapd
@@ -180,7 +183,8 @@ class AgentCgroup:
         """
         # Before the write: a stop whose grace period ends meanwhile must not
         # credit its SIGTERM with what this kill did (killer.finish_stop).
-        self.killed = KILL_METHOD if self.tree.has_cgroup_kill else FALLBACK_METHOD
+        if not cleanup:
+            self.killed = KILL_METHOD if self.tree.has_cgroup_kill else FALLBACK_METHOD
         if self.tree.has_cgroup_kill:
             with self._handles:
                 if self._kill_fd >= 0:

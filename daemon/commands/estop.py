@@ -19,9 +19,14 @@ class Estopped:
     result: EstopResult
 
 
-def act(ctx: Ctx, envelope: agentd_pb2.Envelope) -> Estopped:
-    """Admit, latch in memory, kill every agent and verify. Raises AgentdError."""
+def admit(ctx: Ctx, envelope: agentd_pb2.Envelope) -> VerifiedCommand:
+    """Verify and reserve (on an admission lane). Raises AgentdError."""
     vc, _ = ctx.gate.admit(envelope, "estop")
+    return vc
+
+
+def act(ctx: Ctx, vc: VerifiedCommand) -> Estopped:
+    """Latch in memory, kill every agent and verify."""
     accepted = time.monotonic()
     result = ctx.sup.failsafe.estop_all(
         accepted, reason=vc.command.reason or "emergency stop", by=",".join(vc.principals))

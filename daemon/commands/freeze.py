@@ -38,9 +38,14 @@ def _admit(ctx: Ctx, envelope: agentd_pb2.Envelope, rpc: str) -> tuple[VerifiedC
     return ctx.gate.admit(envelope, rpc, precheck)
 
 
-def act(ctx: Ctx, envelope: agentd_pb2.Envelope) -> Frozen:
-    """Admit, then freeze and wait for the kernel to report it frozen. Raises AgentdError."""
-    vc, agent = _admit(ctx, envelope, "freeze")
+def admit(ctx: Ctx, envelope: agentd_pb2.Envelope) -> tuple[VerifiedCommand, Agent]:
+    """Verify and reserve (on an admission lane). Raises AgentdError."""
+    return _admit(ctx, envelope, "freeze")
+
+
+def act(ctx: Ctx, admitted: tuple[VerifiedCommand, Agent]) -> Frozen:
+    """Freeze and wait for the kernel to report it frozen. Raises AgentdError."""
+    vc, agent = admitted
     done, ms = ctx.sup.freeze_agent(agent, True)
     return Frozen(vc, agent, done, ms)
 

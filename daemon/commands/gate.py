@@ -15,7 +15,14 @@ from typing import Any, TypeVar
 
 from agentd.v1 import agentd_pb2
 
-from daemon.auth import Limits, ReplayCache, TrustStoreFile, VerifiedCommand, verify
+from daemon.auth import (
+    STOP_ACTIONS,
+    Limits,
+    ReplayCache,
+    TrustStoreFile,
+    VerifiedCommand,
+    verify,
+)
 from daemon.commands.recorder import Recorder
 from daemon.errors import AgentdError
 
@@ -48,8 +55,17 @@ class CommandGate:
         now = time.time()
         vc: VerifiedCommand | None = None
         try:
-            vc = verify(envelope, trust=self.trust.current(), audience=self.host_id,
+            if rpc_action in STOP_ACTIONS:
+                trust, broken = self.trust.for_stop()
+            else:
+                trust, broken = self.trust.current(), ""
+            vc = verify(envelope, trust=trust, audience=self.host_id,
                         expected_action=rpc_action, now=now, limits=self.limits)
+            if broken:
+                command_id = vc.command_id.hex()
+                self.recorder.submit(lambda: self.recorder.audit.append(
+                    "trust_store_fallback", rpc=rpc_action, command_id=command_id,
+                    error=broken))
             checked = precheck(vc)
             self.replay.check_and_reserve(
                 command_id=vc.command_id, payload_sha256=vc.payload_sha256,

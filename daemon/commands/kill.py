@@ -21,12 +21,17 @@ class Killed:
     outcome: killer.KillOutcome
 
 
-def act(ctx: Ctx, envelope: agentd_pb2.Envelope) -> Killed:
-    """Admit, then kill and verify. Nothing slow: no fsync, no log write. Raises AgentdError."""
+def admit(ctx: Ctx, envelope: agentd_pb2.Envelope) -> tuple[VerifiedCommand, Agent]:
+    """Verify and reserve (on an admission lane: unverified work never reaches the stop lane)."""
     def precheck(vc: VerifiedCommand) -> Agent:
         return ctx.sup.get(vc.command.kill.name, vc.command.kill.id)
 
-    vc, agent = ctx.gate.admit(envelope, "kill", precheck)
+    return ctx.gate.admit(envelope, "kill", precheck)
+
+
+def act(ctx: Ctx, admitted: tuple[VerifiedCommand, Agent]) -> Killed:
+    """Kill and verify. Nothing slow: no fsync, no log write. Raises AgentdError."""
+    vc, agent = admitted
     accepted = time.monotonic()
     agent.request_end("killed")
     outcome = killer.kill(agent, accepted_at=accepted,

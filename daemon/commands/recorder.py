@@ -97,8 +97,11 @@ class Recorder:
                 except BaseException as err:  # handed to whoever waits on it
                     done.set_exception(err)
         for event, fields, written in self.rejections.take(final=final):
+            # Each on its own: one that fails must not lose the others.
             try:
                 self.audit.append(event, **fields)
+            except Exception:
+                log.exception("cannot record a refused command: %s", fields.get("error"))
             finally:
                 written.set_result(None)
         if self.audit.pending:

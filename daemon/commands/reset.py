@@ -7,7 +7,7 @@ from agentd.v1 import agentd_pb2
 from daemon.auth import VerifiedCommand
 from daemon.commands import transaction
 from daemon.commands.context import Ctx
-from daemon.errors import PermissionDenied
+from daemon.errors import FailedPrecondition, PermissionDenied
 
 
 def run(ctx: Ctx, envelope: agentd_pb2.Envelope) -> tuple[str, ...]:
@@ -27,5 +27,12 @@ def run(ctx: Ctx, envelope: agentd_pb2.Envelope) -> tuple[str, ...]:
     vc, principals = ctx.gate.admit(envelope, "reset", quorum)
     transaction.commit(ctx, vc, "*", reset_principals=list(principals),
                        was_latched=ctx.sup.latch.latched)
-    ctx.sup.latch.clear()
+    try:
+        ctx.sup.latch.clear()
+    except OSError as err:
+        failed = FailedPrecondition(
+            f"the emergency-stop latch {ctx.sup.latch.path} could not be removed "
+            f"({err.strerror}); it stays latched")
+        transaction.result(ctx, vc, ok=False, error=failed.message)
+        raise failed from err
     return principals

@@ -27,8 +27,9 @@ class Stopping:
     term: killer.Termination
 
 
-def begin(ctx: Ctx, envelope: agentd_pb2.Envelope) -> Stopping:
-    """Admit, then SIGTERM (or kill a frozen agent at once). Quick. Raises AgentdError."""
+def admit(ctx: Ctx, envelope: agentd_pb2.Envelope
+          ) -> tuple[VerifiedCommand, tuple[Agent, float]]:
+    """Verify and reserve (on an admission lane). Raises AgentdError."""
     def precheck(vc: VerifiedCommand) -> tuple[Agent, float]:
         action = vc.command.stop
         grace = ctx.cfg.default_grace_s if not action.HasField("grace_ms") else (
@@ -39,7 +40,12 @@ def begin(ctx: Ctx, envelope: agentd_pb2.Envelope) -> Stopping:
                 f"{ctx.cfg.max_grace_s:g}s")
         return ctx.sup.get(action.name, action.id), grace
 
-    vc, (agent, grace) = ctx.gate.admit(envelope, "stop", precheck)
+    return ctx.gate.admit(envelope, "stop", precheck)
+
+
+def begin(ctx: Ctx, admitted: tuple[VerifiedCommand, tuple[Agent, float]]) -> Stopping:
+    """SIGTERM (or kill a frozen agent at once). Quick. Raises AgentdError."""
+    vc, (agent, grace) = admitted
     accepted = time.monotonic()
     agent.request_end("stopped")
     term = killer.begin_stop(agent, accepted_at=accepted,

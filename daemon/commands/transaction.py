@@ -61,3 +61,9 @@ def record_stop(ctx: Ctx, vc: VerifiedCommand, target: str, outcome: dict[str, A
     durable = ctx.audit.append("command", **accepted_fields(vc, target, **extra))
     durable = result(ctx, vc, **outcome) and durable
     return ctx.recorder.persist_replay() and durable
+
+
+def record_failed(ctx: Ctx, vc: VerifiedCommand, target: str, err: BaseException) -> bool:
+    """On the recorder thread: a stop that was admitted but failed to act, recorded as such."""
+    message = err.message if isinstance(err, AgentdError) else f"internal error: {err!r}"
+    return record_stop(ctx, vc, target, {"action": vc.action, "ok": False, "error": message})

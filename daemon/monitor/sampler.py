@@ -55,6 +55,12 @@ DEFAULT_ALLOWED_PREFIXES = ("/tmp", "/var/tmp", "/dev")
 Listener = Callable[["Agent", Signals], None]
 
 
+class _Gate(Protocol):
+    """The reactor's kill gate, as the sampler sees it."""
+
+    def locked(self) -> bool: ...
+
+
 class AgentSource(Protocol):
     """What the sampler needs of the supervisor."""
 
@@ -95,7 +101,7 @@ class Sampler:
 
     def __init__(self, sup: AgentSource, interval_s: float = 1.0,
                  allowed_prefixes: str | Iterable[str] = DEFAULT_ALLOWED_PREFIXES, *,
-                 kill_gate: threading.Lock | None = None) -> None:
+                 kill_gate: _Gate | None = None) -> None:
         self._sup = sup
         self.interval_s = interval_s
         if isinstance(allowed_prefixes, str):

@@ -407,7 +407,7 @@ class Supervisor:
         try:
             if group.populated():
                 leftovers = len(killer.pids_of(group))
-                group.kill()
+                group.kill(cleanup=True)
             empty = group.wait_empty(time.monotonic() + self.cfg.kill_verify_timeout_s)
             while not empty:
                 # Stuck (D state) members: keep watching without hanging a worker for long.

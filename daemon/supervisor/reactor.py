@@ -61,16 +61,31 @@ class LogSink:
             except Exception:
                 log.exception("output tap failed on %s", self.path)
         if self._size + len(data) > self.cap:
-            self._rotate()
+            try:
+                self._rotate()
+            except OSError:
+                log.exception("cannot rotate agent log %s; it grows past its cap", self.path)
         os.write(self._fd, data)
         self._size += len(data)
 
     def _rotate(self) -> None:
-        os.close(self._fd)
-        # rename(2) replaces FILE.1 itself, never what a symlink there names.
-        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-        self._fd = _create(self.path)
+        """FILE becomes FILE.1 and a new FILE is made; the descriptor is swapped last.
+
+        Closing first and failing after would leave self._fd naming a closed
+        number, which the next open anywhere in the daemon may reuse (a
+        cgroup's held cgroup.kill, the audit log): the next write of agent
+        bytes would land there. On failure the old file goes on (past the
+        cap) and the next write tries again.
+        """
+        # rename(2) replaces FILE.1 itself, never what a symlink there names;
+        # the open descriptor follows the file to its new name. (FILE may
+        # be gone already: a rotation whose create failed.)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        new = _create(self.path)
+        old, self._fd = self._fd, new
         self._size = 0
+        os.close(old)
 
     def close(self) -> None:
         os.close(self._fd)
@@ -91,6 +106,41 @@ def _create(path: Path) -> int:
 Callback = Callable[[], None]
 
 
+class KillGate:
+    """Entered by a burst of kills (estop, expiring leases, shutdown) while it writes cgroup.kill.
+
+    Kills never wait on it: entering only counts the burst (a lock held for
+    an integer's update, never across I/O). The reactor holds off
+    dispatching, and the sampler its sweep, until the burst is written, so
+    that the reaping a kill sets off does not compete with the rest of the
+    burst for the interpreter. (It was a Lock the reactor held across a whole
+    batch of output writes: an estop then waited for a slow log disk.)
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._bursts = 0
+
+    def __enter__(self) -> None:
+        with self._cond:
+            self._bursts += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._bursts -= 1
+            if not self._bursts:
+                self._cond.notify_all()
+
+    def locked(self) -> bool:
+        """A burst of kills is being written."""
+        return self._bursts > 0
+
+    def wait_clear(self, timeout: float) -> None:
+        """Wait (up to timeout) until no burst is being written."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._bursts == 0, timeout)
+
+
 class Reactor:
     """The loop. Thread-safe registration through a queue and a wake-up pipe."""
 
@@ -104,11 +154,9 @@ class Reactor:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agentd-final")
         self.last_tick = time.monotonic()
         self._tickers: list[Callable[[], object]] = []
-        # Held by a burst of kills (estop, expiring leases) while it writes
-        # cgroup.kill: the loop waits for it before dispatching events, so the
-        # reaping a kill sets off does not compete with the rest of the burst
-        # for the interpreter. Kills never wait on this; reaping does.
-        self.kill_gate = threading.Lock()
+        # Entered by a burst of kills; the loop holds off dispatching until
+        # the burst is written. Kills never wait on it (KillGate).
+        self.kill_gate = KillGate()
 
     def start(self) -> None:
         self._thread.start()
@@ -150,10 +198,9 @@ class Reactor:
                 events = self._sel.select(timeout=0.5)
             except InterruptedError:
                 continue
-            if events:
-                with self.kill_gate:
-                    for key, _ in events:
-                        self._dispatch(key)
+            for key, _ in events:
+                self.kill_gate.wait_clear(timeout=1.0)
+                self._dispatch(key)
             while True:
                 try:
                     fn = self._todo.get_nowait()

@@ -576,3 +576,42 @@ def test_past_the_backlog_cap_records_are_counted_not_kept(
     assert [r["event"] for r in recs] == ["tripwire"] * 3 + ["audit_records_dropped"]
     assert (recs[-1]["count"], recs[-1]["first_event"]) == (7, "tripwire")
     assert verify(log_path, expected_head=read_head(head_path(log_path))).ok
+
+
+def test_a_record_whose_head_could_not_be_written_is_never_written_twice(
+        log: AuditLog, log_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The line reached the file, the head file did not (a full disk's usual order)."""
+    assert log.append("daemon_start") is True
+    real = log._write_head
+    calls = []
+
+    def refuse() -> None:
+        calls.append(1)
+        raise AuditWriteError("head file not updated: No space left on device")
+
+    monkeypatch.setattr(log, "_write_head", refuse)
+    assert log.append("command", decision="accepted", action="kill") is False
+    assert not log.flush()
+    monkeypatch.setattr(log, "_write_head", real)
+    assert log.flush()
+    assert calls  # the failure was forced
+    events = [json.loads(line)["event"] for line in _lines(log_path)]
+    assert events == ["daemon_start", "command"]
+    assert verify(log_path, expected_head=read_head(head_path(log_path))).ok
+
+
+def test_a_long_backlog_drains_in_chunks_with_one_sync_each(
+        log: AuditLog, log_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import daemon.audit
+
+    monkeypatch.setattr(daemon.audit, "FLUSH_CHUNK", 10)
+    syncs = []
+    real = log._sync_and_write_head
+    monkeypatch.setattr(log, "_sync_and_write_head", lambda: (syncs.append(1), real())[1])
+    with _DiskFull(log):
+        for i in range(35):
+            log.append("tripwire", n=i)
+    syncs.clear()
+    assert log.flush()
+    assert len(syncs) == 4  # 10 + 10 + 10 + 5
+    assert [json.loads(line)["n"] for line in _lines(log_path)] == list(range(35))

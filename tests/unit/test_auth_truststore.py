@@ -312,3 +312,24 @@ def test_trusted_key_equality_is_by_raw_key(alice) -> None:
     b = TrustStore.parse(line, "b").keys[0]
     assert a == b and hash(a) == hash(b)
     assert a.public_key is not b.public_key
+
+
+def test_a_stop_falls_back_to_the_last_good_store_and_nothing_else_does(
+        write_file, alice, bob) -> None:
+    path = write_file(alice.line() + "\n")
+    ts = TrustStoreFile(path)
+    assert ts.for_stop() == (ts.current(), "")
+    path.write_text(alice.line() + "\n" + bob.line() + "\nbroken line\n")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(TrustStoreError):
+        ts.current()
+    store, why = ts.for_stop()
+    assert [k.principal for k in store] == ["alice"]  # the last good version, not the edit
+    assert f"trust store {path} line 3" in why
+
+
+def test_no_fallback_when_no_version_ever_loaded(write_file, alice) -> None:
+    path = write_file("broken line\n")
+    with pytest.raises(TrustStoreError):
+        TrustStoreFile(path).for_stop()

@@ -421,3 +421,22 @@ def test_only_agentd_errors_escape(check, bob) -> None:
     for env in junk:
         with pytest.raises(AgentdError):
             check(env)
+
+
+def test_eight_garbage_signatures_naming_one_trusted_key_cost_one_verification(
+        check, signed, bob, monkeypatch) -> None:
+    import importlib
+
+    verify_mod = importlib.import_module("daemon.auth.verify")
+    calls: list[int] = []
+    real = verify_mod._signature_ok
+    monkeypatch.setattr(verify_mod, "_signature_ok",
+                        lambda *a: calls.append(1) or real(*a))  # type: ignore[func-returns-value]
+    env = signed(bob)
+    bob_id = env.signatures[0].keyid
+    del env.signatures[:]
+    for _ in range(8):
+        env.signatures.add(keyid=bob_id, sig=bytes(64))
+    with pytest.raises(BadSignature):
+        check(env)
+    assert calls == [1]
