@@ -24,23 +24,23 @@ from agentd.v1 import agentd_pb2
 
 from agentctl import render
 from tests.conftest import ROOT_REASON
-from tests.harness import AGENT_PYTHON, Daemon, pids_in, wait_for
+from tests.harness import AGENT_PYTHON, VIEWED_PARENT, Daemon, pids_in, wait_for
 
 pytestmark = pytest.mark.root
 _names = itertools.count()
 
 EXPECTED_CHECKS = {"user", "capabilities", "no_new_privs", "seccomp", "pid namespace",
                    "mnt namespace", "ipc namespace", "uts namespace", "user namespace",
-                   "network namespace", "nofile", "memory", "pids"}
+                   "network namespace", "nofile", "filesystem view", "memory", "pids"}
 
 
 @pytest.fixture(scope="module")
 def sd() -> Iterator[Daemon]:
-    """A daemon whose directory lies under /srv, which sandboxes show read-only: hiding
-    its files is then something the sandbox must do, not a side effect of a private /tmp."""
+    """A daemon whose directory lies under /etc, which sandboxes show read-only: hiding
+    its files is then something the sandbox must do, not a side effect of the view."""
     if ROOT_REASON:
         pytest.skip(ROOT_REASON)
-    root = Path(tempfile.mkdtemp(prefix="agentd-sandbox-t-", dir="/srv"))
+    root = Path(tempfile.mkdtemp(prefix="agentd-sandbox-t-", dir=VIEWED_PARENT))
     d = Daemon(root / "dev").start()
     # Searchable by agents, so hiding its contents is the sandbox's doing.
     root.chmod(0o755)
@@ -256,7 +256,7 @@ def test_the_tripwire_rules_file_is_hidden_from_agents() -> None:
     """The rules say what output would trip them: an agent that read them could evade them."""
     if ROOT_REASON:
         pytest.skip(ROOT_REASON)
-    root = Path(tempfile.mkdtemp(prefix="agentd-rules-t-", dir="/srv"))  # shown read-only
+    root = Path(tempfile.mkdtemp(prefix="agentd-rules-t-", dir=VIEWED_PARENT))  # shown
     root.chmod(0o755)
     rules_dir = root / "rules"
     rules_dir.mkdir(mode=0o755)
@@ -363,7 +363,7 @@ def test_entrypoint_pin_mismatch_is_refused_and_both_hashes_audited(sd: Daemon) 
 def test_entrypoint_pin_covers_the_program_the_agents_path_finds(sd: Daemon) -> None:
     """--env PATH=DIR with another python3 in DIR: the pin judges, and bwrap execs, that file."""
     real = hashlib.sha256(Path(AGENT_PYTHON).resolve().read_bytes()).hexdigest()
-    evil = sd.dir.parent / "evil-path"  # under /srv: the sandbox shows it read-only
+    evil = sd.dir.parent / "evil-path"  # under /etc: the sandbox shows it read-only
     evil.mkdir(mode=0o755, exist_ok=True)
     impostor = evil / "python3"
     impostor.write_text("#!/bin/sh\necho IMPOSTOR RAN\n")
