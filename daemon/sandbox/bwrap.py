@@ -57,9 +57,9 @@ OWN = ("/proc", "/dev", "/scratch", "/tmp")
 # user in a privileged group, or a mode mistake does not hand them out.
 ETC_SECRETS: tuple[tuple[str, str], ...] = (
     ("/etc/shadow", "password hashes"),
-    ("/etc/shadow-", "password hashes (backup)"),
+    ("/etc/shadow-", "password hashes, a backup"),
     ("/etc/gshadow", "group password hashes"),
-    ("/etc/gshadow-", "group password hashes (backup)"),
+    ("/etc/gshadow-", "group password hashes, a backup"),
     ("/etc/security/opasswd", "old password hashes"),
     ("/etc/sudoers", "who may become root, and how"),
     ("/etc/sudoers.d", "who may become root, and how"),
@@ -224,7 +224,8 @@ def view(profile: Profile, *, hidden: Iterable[Hidden], uid: int, gids: Iterable
     added here. Both are masked last, so that no bind shows them again, and
     only where the view shows them and bwrap (as the agent) can look them up.
     """
-    size = f"{profile.scratch_bytes} bytes"
+    n = profile.scratch_bytes
+    size = f"{n >> 20} MiB" if n % (1 << 20) == 0 else f"{n} bytes"
     out = [Mount("/", "root", "bwrap's tmpfs, read-only")]
     out += _system_view(root)
     # Every writable place is a tmpfs capped at the scratch size, and its
