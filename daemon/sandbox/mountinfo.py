@@ -36,6 +36,7 @@ class Entry:
     root: str  # the path within its filesystem that is mounted there
     fstype: str
     read_only: bool  # the per-mount flag, the one a remount or a read-only bind sets
+    dev: str = ""  # MAJ:MIN of the filesystem
 
 
 def _unescape(field: str) -> str:
@@ -51,7 +52,8 @@ def parse(text: str) -> list[Entry]:
         if not sep or len(fields) < 6 or not sup:
             continue
         out.append(Entry(mount_point=_unescape(fields[4]), root=_unescape(fields[3]),
-                         fstype=sup[0], read_only=fields[5].split(",")[0] == "ro"))
+                         fstype=sup[0], read_only=fields[5].split(",")[0] == "ro",
+                         dev=fields[2]))
     return out
 
 
@@ -72,17 +74,38 @@ def submounts(host: Iterable[Entry], view: Sequence[Mount]) -> dict[str, bool]:
     return out
 
 
+def origin(host: Sequence[Entry], path: str) -> tuple[str, str] | None:
+    """(MAJ:MIN, root) that a bind of the host's path shows in mountinfo; None if not found.
+
+    The host mount holding path is the last one on the longest mount point
+    above it (a later mount on the same point lies on top); a bind of path
+    shows that filesystem, rooted at the mount's root plus the rest of path.
+    """
+    best: Entry | None = None
+    for e in host:
+        holds = path == e.mount_point or _under(path, e.mount_point) or e.mount_point == "/"
+        if holds and (best is None or len(e.mount_point) >= len(best.mount_point)):
+            best = e
+    if best is None:
+        return None
+    rest = path[len(best.mount_point.rstrip("/")):].lstrip("/")
+    root = best.root.rstrip("/") + "/" + rest if rest else best.root
+    return best.dev, root
+
+
 def compare(view: Sequence[Mount], entries: Sequence[Entry],
-            carried: dict[str, bool]) -> list[str]:
+            host: Sequence[Entry] = ()) -> list[str]:
     """What differs between the view and the mount table: each problem in words, [] if none.
 
     Every mount of the view must be there (the top one on its path) with its
-    filesystem type and read-only flag; nothing may be mounted that the view
-    does not name, besides bwrap's own (BWRAP_OWN) and what binds carry
-    along (carried, from submounts()), which must be read-only below a
-    read-only bind.
+    filesystem type and read-only flag, and each bind and mask must show its
+    source's filesystem and path, found in host (the daemon's own mount
+    table). Nothing may be mounted that the view does not name, besides
+    bwrap's own (BWRAP_OWN) and what binds carry along from host
+    (submounts()), which must be read-only below a read-only bind.
     """
     top = {e.mount_point: e for e in entries}
+    carried = submounts(host, view)
     problems = []
     for m in view:
         if not m.is_mount:
@@ -97,6 +120,11 @@ def compare(view: Sequence[Mount], entries: Sequence[Entry],
         if m.kind != "proc" and e.read_only == m.writable:
             problems.append(f"{m.path} is {'read-only' if e.read_only else 'writable'}, "
                             f"not {'writable' if m.writable else 'read-only'}")
+        if m.kind in ("bind", "mask") and host:
+            want_from = origin(host, m.source)
+            if (e.dev, e.root) != want_from:
+                problems.append(f"{m.path} shows {e.dev} {e.root}, not the host's {m.source}"
+                                + (f" ({want_from[0]} {want_from[1]})" if want_from else ""))
     named = {m.path for m in view if m.is_mount}
     for path, e in top.items():
         if path in named or path in BWRAP_OWN:

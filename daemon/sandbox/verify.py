@@ -15,10 +15,10 @@ what the kernel shows of every process in the agent's cgroup (proc(5)):
   differ from the daemon's own /proc/self/ns/* (namespaces(7)).
 - /proc/PID/limits: Max open files is the profile's nofile, soft and hard.
 - /proc/PID/mountinfo, once per mount namespace: exactly the view's mounts,
-  each with its filesystem type and read-only flag (daemon.sandbox.mountinfo);
-  through /proc/PID/root, each bind is the host's source (same device and
-  inode), each mask is /dev/null, each hidden directory is empty, each
-  symlink points where the view says.
+  each with its filesystem type and read-only flag, each bind and mask
+  showing its source's filesystem and path as the daemon's own mountinfo
+  places it (daemon.sandbox.mountinfo); through /proc/PID/root, each symlink
+  points where the view says.
 - cgroupfs: the memory, swap, pids and cpu limits read back.
 
 bwrap's outer process (the agent's main pid, which the daemon watches) stays
@@ -31,7 +31,6 @@ processes) is held to all of them.
 from __future__ import annotations
 
 import os
-import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -174,36 +173,23 @@ def _read_mountinfo(pid: int | str) -> list[mountinfo.Entry]:
         raise _Gone from err
 
 
-def _identity(pid: int, m: Mount) -> str:
-    """What is wrong with what lies at m.path, seen through /proc/PID/root; "" if nothing.
+def _symlink_problem(pid: int, m: Mount) -> str:
+    """What is wrong with the symlink m as PID sees it (through /proc/PID/root); "" if nothing.
 
-    mountinfo says what is mounted where, not from which host file: the
-    device and inode say that. A path the daemon may not look up is wrong
-    (it cannot vouch for it).
+    Only symlinks are looked up by path: they lie on bwrap's root, which its
+    owner (the agent) made searchable. The daemon may lack CAP_DAC_READ_SEARCH
+    (agentd.service), and directories bwrap makes below it for a bind follow
+    the caller's umask: mounts are judged by mountinfo alone.
     """
-    inside = f"/proc/{pid}/root{m.path}"
     try:
-        if m.kind == "symlink":
-            target = os.readlink(inside)
-            return "" if target == m.source else f"{m.path} -> {target}, not {m.source}"
-        st = os.stat(inside, follow_symlinks=False)
-        if m.kind == "bind":
-            src = os.stat(m.source)
-            if (st.st_dev, st.st_ino) != (src.st_dev, src.st_ino):
-                return f"{m.path} is not the host's {m.source}"
-        elif m.kind == "mask":
-            null = os.stat("/dev/null")
-            if not stat.S_ISCHR(st.st_mode) or st.st_rdev != null.st_rdev:
-                return f"{m.path} is not masked by /dev/null"
-        elif m.kind == "hide" and os.listdir(inside):
-            return f"{m.path} is not empty"
+        target = os.readlink(f"/proc/{pid}/root{m.path}")
     except (FileNotFoundError, ProcessLookupError) as err:
         if not os.path.exists(f"/proc/{pid}"):
             raise _Gone from err
         return f"{m.path}: missing in the sandbox"
     except OSError as err:
-        return f"{m.path}: cannot look it up from the host: {err.strerror}"
-    return ""
+        return f"{m.path}: not a symlink, or unreadable from the host: {err.strerror}"
+    return "" if target == m.source else f"{m.path} -> {target}, not {m.source}"
 
 
 def view_problems(pid: int, view: Sequence[Mount]) -> list[str]:
@@ -212,9 +198,9 @@ def view_problems(pid: int, view: Sequence[Mount]) -> list[str]:
     Raises _Gone if the process exits meanwhile.
     """
     entries = _read_mountinfo(pid)
-    carried = mountinfo.submounts(_read_mountinfo("self"), view)
-    problems = mountinfo.compare(view, entries, carried)
-    problems += [p for p in (_identity(pid, m) for m in view if m.kind != "root") if p]
+    problems = mountinfo.compare(view, entries, _read_mountinfo("self"))
+    problems += [p for p in (_symlink_problem(pid, m) for m in view if m.kind == "symlink")
+                 if p]
     return problems
 
 

@@ -157,37 +157,57 @@ _VIEW = [Mount("/", "root", "t"), Mount("/usr", "bind", "/usr"), Mount("/etc", "
          Mount("/etc/shadow", "mask", "/dev/null")]
 
 
+# The daemon's own table: / on 254:0, devtmpfs on /dev.
+_HOST = mountinfo.parse("""1 0 254:0 / / rw,relatime - ext4 /dev/vda rw
+2 1 0:6 / /dev rw,nosuid - devtmpfs devtmpfs rw
+""")
+
+
 def test_mountinfo_parse_unescapes_and_reads_the_per_mount_flag() -> None:
     entries = mountinfo.parse(_TABLE)
-    assert entries[0] == mountinfo.Entry("/", "/newroot", "tmpfs", True)
+    assert entries[0] == mountinfo.Entry("/", "/newroot", "tmpfs", True, "0:40")
     assert entries[-1].mount_point == "/srv/my code"
     assert not next(e for e in entries if e.mount_point == "/scratch").read_only
 
 
+def test_a_bind_shows_its_sources_filesystem_and_path() -> None:
+    assert mountinfo.origin(_HOST, "/usr") == ("254:0", "/usr")
+    assert mountinfo.origin(_HOST, "/dev/null") == ("0:6", "/null")
+    nested = mountinfo.parse("1 0 254:0 / / rw - ext4 a rw\n3 1 8:1 /data /srv rw - ext4 b rw\n")
+    assert mountinfo.origin(nested, "/srv/agents") == ("8:1", "/data/agents")
+
+
 def test_mountinfo_matching_the_view_passes() -> None:
-    assert mountinfo.compare(_VIEW, mountinfo.parse(_TABLE), {}) == []
+    assert mountinfo.compare(_VIEW, mountinfo.parse(_TABLE), _HOST) == []
 
 
 def test_a_mount_the_view_does_not_name_fails() -> None:
     extra = _TABLE + "90 65 254:0 /home /home ro,relatime - ext4 /dev/vda rw\n"
-    assert mountinfo.compare(_VIEW, mountinfo.parse(extra), {}) == [
+    assert mountinfo.compare(_VIEW, mountinfo.parse(extra), _HOST) == [
         "unexpected mount /home (ext4 /home)"]
 
 
 def test_a_missing_mask_or_a_writable_read_only_mount_fails() -> None:
     lines = [line for line in _TABLE.splitlines() if "/etc/shadow" not in line]
     table = "\n".join(lines).replace("/usr /usr ro,", "/usr /usr rw,")
-    problems = mountinfo.compare(_VIEW, mountinfo.parse(table), {})
+    problems = mountinfo.compare(_VIEW, mountinfo.parse(table), _HOST)
     assert problems == ["/usr is writable, not read-only",
                         "/etc/shadow (mask /dev/null) is not mounted"]
 
 
+def test_a_bind_or_mask_from_elsewhere_fails() -> None:
+    table = (_TABLE.replace("254:0 /usr /usr", "254:0 /home /usr")
+             .replace("0:6 /null /etc/shadow", "254:0 /etc/shadow /etc/shadow"))
+    assert mountinfo.compare(_VIEW, mountinfo.parse(table), _HOST) == [
+        "/usr shows 254:0 /home, not the host's /usr (254:0 /usr)",
+        "/etc/shadow shows 254:0 /etc/shadow, not the host's /dev/null (0:6 /null)"]
+
+
 def test_a_tmpfs_where_a_bind_should_be_and_a_writable_carried_mount_fail() -> None:
     view = [*_VIEW, Mount("/opt/a", "hide", "t")]
+    host = [*_HOST, *mountinfo.parse("5 1 0:51 / /usr/local rw - ext4 x rw\n")]
     table = _TABLE + ("91 65 0:50 / /opt/a ro - ext4 /dev/vda rw\n"
                       "92 66 0:51 / /usr/local rw - ext4 /dev/vdb rw\n")
-    carried = mountinfo.submounts(mountinfo.parse("5 1 0:51 / /usr/local rw - ext4 x rw\n"),
-                                  view)
-    assert carried == {"/usr/local": False}
-    assert mountinfo.compare(view, mountinfo.parse(table), carried) == [
+    assert mountinfo.submounts(host, view) == {"/usr/local": False}
+    assert mountinfo.compare(view, mountinfo.parse(table), host) == [
         "/opt/a is ext4, not tmpfs", "/usr/local (carried by a read-only bind) is writable"]
