@@ -1,9 +1,10 @@
 """Escape suite: each technique is a small agent program, and each must be contained.
 
 Every program runs as an agent of a real daemon under its default profile
-(sandboxed: no network, read-only host view, private scratch, hidden daemon
-state, own PID namespace, no capabilities, no_new_privs, seccomp). Each test
-asserts that every attempt was contained, judged from the host wherever the
+(sandboxed: no network, the system files only, read-only, its code bound by
+name, private scratch, hidden daemon state, own PID namespace, no
+capabilities, no_new_privs, seccomp). Each test asserts that every attempt
+was contained, judged from the host wherever the
 host can see the outcome; that the daemon still answers; that the bystander
 agent started before runs on untouched; that nothing appeared on the host;
 and that the kill leaves no process behind. Each test lists the attempts its
@@ -104,7 +105,7 @@ def test_loopback_connect(escape: Escape, listeners: HostListeners) -> None:
 # ------------------------------------------------------------------ filesystem
 @pytest.mark.needs_sandbox
 def test_write_outside_scratch(escape: Escape) -> None:
-    """The host view is read-only: nothing written outside /scratch reaches the host.
+    """The view is read-only: nothing written outside /scratch reaches the host.
 
     Creating files in /etc, /usr, /var/tmp, /tmp, /dev/shm, /run, /root, /,
     the programs' own directory and the daemon's, directly and through
