@@ -14,6 +14,7 @@ from __future__ import annotations
 import shlex
 import signal
 import textwrap
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -154,7 +155,31 @@ def sandbox_text(sb: agentd_pb2.Sandbox) -> str:
     width = max((len(c.name) for c in sb.checks), default=0)
     lines += [f"{'ok' if c.ok else 'FAILED':<6}  {c.name:<{width}}  {c.detail}"
               for c in sb.checks]
+    if sb.view:
+        lines.append("filesystem view (nothing else of the host):")
+        lines += view_lines(sb.view)
     return "\n".join(lines)
+
+
+def view_lines(view: Sequence[agentd_pb2.ViewEntry]) -> list[str]:
+    """One line per entry of the view: path, ro or rw, where it comes from.
+
+    A writable bind (a workspace: how a run leaves notes for the next) is
+    marked so that the operator sees it.
+    """
+    width = max((len(v.path) for v in view), default=0)
+    out = []
+    for v in view:
+        mode = "->" if v.kind == "symlink" else "rw" if v.writable else "ro"
+        if v.kind == "bind":
+            source = f"host {v.source}" + ("  WORKSPACE (writable host directory)"
+                                           if v.writable else "")
+        elif v.kind in ("mask", "hide"):
+            source = f"{v.source}: masked ({v.why})"
+        else:
+            source = v.source
+        out.append(f"  {v.path:<{width}}  {mode}  {source}")
+    return out
 
 
 def _sampled_text(agent: agentd_pb2.Agent, now: datetime) -> str:

@@ -39,7 +39,7 @@ from typing import Any
 from agentd.v1 import agentd_pb2
 from common import add_smoke_flag, dev_daemon, need_root, summary, write_json
 
-from tests.harness import AGENT_PYTHON, HOSTILE_PARENT, Daemon, wait_for
+from tests.harness import AGENT_PYTHON, Daemon, code_parent, wait_for
 
 WRITER = r'''
 import json, os, random, sys, time
@@ -235,7 +235,7 @@ def main() -> None:
     need_root("tripwire_throughput")
     work = Path(tempfile.mkdtemp(prefix="agentd-bench-"))
     # Where agents' sandboxes can read it (their /tmp is their own).
-    progdir = Path(tempfile.mkdtemp(prefix="agentd-bench-writer-", dir=HOSTILE_PARENT))
+    progdir = Path(tempfile.mkdtemp(prefix="agentd-bench-writer-", dir=code_parent()))
     os.chmod(progdir, 0o755)
     prog = progdir / "writer.py"
     prog.write_text(WRITER)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -50,6 +51,11 @@ class Config:
     # Sandbox profiles, one NAME.toml each (docs/sandbox.md); default.toml
     # replaces the built-in default profile.
     policy_dir: Path = Path("/etc/agentd/policies")
+    # Host directories holding agents' code: a run may bind one, or anything
+    # below one, read-only without an admin's signature (docs/sandbox.md).
+    # Everything else of the host is outside the default view, and a bind
+    # of it is an escalation.
+    code_roots: tuple[str, ...] = ()
     allow_root_agents: bool = False
     default_pids_max: int = 1024
     default_memory_bytes: int = 0
@@ -99,7 +105,9 @@ class Config:
     # Testing only: behave as on a kernel without cgroup.kill.
     force_kill_fallback: bool = False
     # Testing only (dev mode): leave one sandbox restriction out (seccomp,
-    # network or pid) so the checks from outside can be seen to catch it.
+    # network, pid, view: the whole host shown read-only, or masks: /etc's
+    # secrets and the daemon's files) so the checks from outside can be seen
+    # to catch it.
     sandbox_test_omit: str = ""
 
     # Prometheus metrics: "" (off), "HOST:PORT" or "unix:/ABSOLUTE/PATH".
@@ -160,6 +168,10 @@ def from_mapping(data: dict[str, Any], *, source: str, dev: bool = False) -> Con
             if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{source}: {key} must be a non-negative number")
             values[key] = float(value)
+        elif isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{source}: {key} must be a list of strings")
+            values[key] = tuple(dict.fromkeys(value))
         elif isinstance(default, int):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{source}: {key} must be a non-negative integer")
@@ -217,6 +229,12 @@ def check(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: reset_signatures must be at least 1")
     if cfg.default_lease_s > cfg.max_lease_s:
         raise ConfigError(f"{source}: default_lease_s exceeds max_lease_s")
+    for root in cfg.code_roots:
+        if not root.startswith("/") or os.path.normpath(root) != root or root.startswith("//"):
+            raise ConfigError(f"{source}: code_roots: {root!r} must be an absolute, normalised "
+                              "path")
+        if root == "/":
+            raise ConfigError(f"{source}: code_roots: / would let any run bind the whole host")
     if cfg.rules_file and not cfg.rules_file.startswith("/"):
         raise ConfigError(f"{source}: rules_file must be an absolute path")
     if cfg.detector_max_action not in ("alert", "freeze", "kill"):
@@ -230,8 +248,9 @@ def check(cfg: Config, source: str) -> None:
     metrics_address(cfg.metrics_listen, allow_remote=cfg.metrics_allow_remote, source=source)
     if cfg.sandbox_test_omit and not cfg.dev:
         raise ConfigError(f"{source}: sandbox_test_omit is for tests of a dev daemon only")
-    if cfg.sandbox_test_omit not in ("", "seccomp", "network", "pid"):
-        raise ConfigError(f"{source}: sandbox_test_omit must be seccomp, network or pid")
+    if cfg.sandbox_test_omit not in ("", "seccomp", "network", "pid", "view", "masks"):
+        raise ConfigError(f"{source}: sandbox_test_omit must be seccomp, network, pid, view "
+                          "or masks")
     if not 0 < cfg.dynamic_uid_min <= cfg.dynamic_uid_max < 2**31 - 1:
         raise ConfigError(f"{source}: dynamic_uid_min..dynamic_uid_max must be a non-empty "
                           "range of non-root uids")

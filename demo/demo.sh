@@ -12,8 +12,9 @@ say()  { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run()  { printf '$ %s\n' "$*"; "$@"; }
 
 [ "$(id -u)" = 0 ] || { echo "make demo must run as root (agentd owns cgroups)" >&2; exit 1; }
-# Under /srv, not /tmp: an agent's sandbox shows the host read-only but has
-# a /tmp (and /var/tmp) of its own, where the rogue program would not be.
+# An agent sees the host's /usr and /etc and nothing else of it: the rogue
+# program is bound in by name (--bind-ro) from $DEMO/agent, which the dev
+# daemon's config names a code root (no admin needed to bind it).
 DEMO=$(mktemp -d /srv/agentd-demo.XXXXXX)
 chmod 755 "$DEMO"
 DAEMON_PID=""
@@ -29,6 +30,9 @@ mkdir -m 755 "$DEMO/agent"
 install -m 644 demo/rogue_agent.py "$DEMO/agent/rogue_agent.py"
 
 say "1. Start a dev daemon (agentd --dev): socket, trust store, audit log under $DEMO/dev"
+mkdir -m 750 "$DEMO/dev"
+printf 'code_roots = ["%s"]\n' "$DEMO/agent" > "$DEMO/dev/agentd.toml"
+echo "\$ cat $DEMO/dev/agentd.toml"; cat "$DEMO/dev/agentd.toml"
 "$AGENTD" --dev "$DEMO/dev" >"$DEMO/agentd.log" 2>&1 &
 DAEMON_PID=$!
 for _ in $(seq 100); do [ -S "$DEMO/dev/agentd.sock" ] && break; sleep 0.1; done
@@ -43,9 +47,11 @@ export AGENTCTL_KEY="$DEMO/alice.key"
 run "$AGENTCTL" info
 
 say "3. Launch the rogue agent in its own cgroup and sandbox, as a fresh unprivileged uid"
-run "$AGENTCTL" run --name rogue --memory 256M --pids 64 --reason "demo" -- \
-  "$PY" "$DEMO/agent/rogue_agent.py"
+run "$AGENTCTL" run --name rogue --memory 256M --pids 64 --reason "demo" \
+  --bind-ro "$DEMO/agent" -- "$PY" "$DEMO/agent/rogue_agent.py"
 sleep 1.5
+echo "(its filesystem view above, checked in its mountinfo from outside: no /home, /root,"
+echo " /srv or /var of the host, so there is no operators' mail for it to have read)"
 STDOUT_LOG=$("$AGENTCTL" --json status rogue | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["stdout_log"])')
 CGROUP=$("$AGENTCTL" --json status rogue | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["cgroup_paths"][0])')
 echo "-- what the agent says (its stdout log):"

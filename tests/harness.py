@@ -24,27 +24,51 @@ from agentd.v1 import agentd_pb2, agentd_pb2_grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 REPO = Path(__file__).resolve().parent.parent
-# Agents run as an unprivileged user, who cannot read a Python under /root
-# (pyenv) or a checkout there: hostile programs use Debian's interpreter and
-# are copied to a world-readable directory. That directory is under /srv,
-# which agents' sandboxes show read-only from the host; /tmp and /var/tmp are
-# private to each sandbox.
+# Agents see /usr and /etc of the host and nothing else unless a run binds it
+# (docs/sandbox.md): hostile programs use Debian's interpreter (a Python
+# under /root or a venv under /work is out of their view) and are copied to
+# a world-readable directory under HOSTILE_PARENT, which every test daemon
+# names as a code root; Daemon.run binds the one a command names, read-only,
+# as an operator binds an agent's code.
 AGENT_PYTHON = "/usr/bin/python3"
 CGROUP_PREFIX = "agentd-test-"
 # Benchmarks' daemons and cgroups: apart from the tests', so a benchmark run
 # beside the suite never shows up in its leak check (and has its own).
 BENCH_PREFIX = "agentd-bench-"
 HOSTILE_MARK = "agentd-hostile-"
-HOSTILE_PARENT = "/srv"
+HOSTILE_PARENT = "/srv/agentd-tests"
+# A host directory in every agent's view (/etc): a test daemon kept below it
+# is out of its agents' sight only because the sandbox hides it, as a
+# deployed daemon's /etc/agentd is.
+VIEWED_PARENT = "/etc"
 # Every agent runs in a bwrap sandbox: bwrap's outer process (the agent's main
 # pid) and its init (pid 1 of the agent's PID namespace) live in the agent's
 # cgroup beside the agent's own processes, and count among them.
 SANDBOX_PROCS = 2
 
 
+def code_parent() -> Path:
+    """HOSTILE_PARENT, made world-searchable: the test daemons' code root."""
+    parent = Path(HOSTILE_PARENT)
+    parent.mkdir(mode=0o755, exist_ok=True)
+    parent.chmod(0o755)
+    return parent
+
+
+def code_binds(argv: list[str]) -> list[str]:
+    """The directories (or files) right below HOSTILE_PARENT that argv names: what to bind."""
+    out: list[str] = []
+    for arg in argv:
+        if arg.startswith(HOSTILE_PARENT + "/"):
+            top = HOSTILE_PARENT + "/" + arg[len(HOSTILE_PARENT) + 1:].split("/", 1)[0]
+            if top not in out:
+                out.append(top)
+    return out
+
+
 def hostile_dir() -> Path:
-    """Copy tests/hostile/*.py to a fresh world-readable directory an agent's sandbox shows."""
-    d = Path(tempfile.mkdtemp(prefix=HOSTILE_MARK, dir=HOSTILE_PARENT))
+    """Copy tests/hostile/*.py to a fresh world-readable directory under the code root."""
+    d = Path(tempfile.mkdtemp(prefix=HOSTILE_MARK, dir=code_parent()))
     os.chmod(d, 0o755)
     for src in (REPO / "tests" / "hostile").glob("*.py"):
         shutil.copy(src, d / src.name)
@@ -103,8 +127,12 @@ class Daemon:
 
     def start(self, timeout: float = 60.0) -> Daemon:
         self.dir.mkdir(mode=0o750, exist_ok=True)
-        if self.config:
-            (self.dir / "agentd.toml").write_text(self.config)
+        config = self.config
+        if "code_roots" not in config:
+            # Agents' code lives there (hostile_dir): binding it is no escalation.
+            config = (config.rstrip("\n") + "\n" if config else "") + (
+                f'code_roots = ["{code_parent()}"]\n')
+        (self.dir / "agentd.toml").write_text(config)
         ts = self.dir / "trusted_keys"
         if not ts.exists():
             ts.write_text(self.keys.trust_store())
@@ -203,12 +231,15 @@ class Daemon:
         """Run argv as agent name, signed by key (default: the operator's).
 
         policy and overrides choose its sandbox; anything looser than the
-        default profile needs key=self.keys.admin and a reason.
+        default profile needs key=self.keys.admin and a reason. What argv
+        names under the code root (HOSTILE_PARENT) is bound read-only.
         """
         cmd = self.command(reason=reason)
         cmd.run.policy = policy
         if overrides is not None:
             cmd.run.overrides.CopyFrom(overrides)
+        cmd.run.overrides.bind_ro.extend(
+            b for b in code_binds(argv) if b not in cmd.run.overrides.bind_ro)
         if lease_ms is not None:
             cmd.run.lease_ms = lease_ms
         if max_runtime_ms is not None:

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import itertools
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -24,23 +25,23 @@ from agentd.v1 import agentd_pb2
 
 from agentctl import render
 from tests.conftest import ROOT_REASON
-from tests.harness import AGENT_PYTHON, Daemon, pids_in, wait_for
+from tests.harness import AGENT_PYTHON, VIEWED_PARENT, Daemon, code_parent, pids_in, wait_for
 
 pytestmark = pytest.mark.root
 _names = itertools.count()
 
 EXPECTED_CHECKS = {"user", "capabilities", "no_new_privs", "seccomp", "pid namespace",
                    "mnt namespace", "ipc namespace", "uts namespace", "user namespace",
-                   "network namespace", "nofile", "memory", "pids"}
+                   "network namespace", "nofile", "filesystem view", "memory", "pids"}
 
 
 @pytest.fixture(scope="module")
 def sd() -> Iterator[Daemon]:
-    """A daemon whose directory lies under /srv, which sandboxes show read-only: hiding
-    its files is then something the sandbox must do, not a side effect of a private /tmp."""
+    """A daemon whose directory lies under /etc, which sandboxes show read-only: hiding
+    its files is then something the sandbox must do, not a side effect of the view."""
     if ROOT_REASON:
         pytest.skip(ROOT_REASON)
-    root = Path(tempfile.mkdtemp(prefix="agentd-sandbox-t-", dir="/srv"))
+    root = Path(tempfile.mkdtemp(prefix="agentd-sandbox-t-", dir=VIEWED_PARENT))
     d = Daemon(root / "dev").start()
     # Searchable by agents, so hiding its contents is the sandbox's doing.
     root.chmod(0o755)
@@ -256,7 +257,7 @@ def test_the_tripwire_rules_file_is_hidden_from_agents() -> None:
     """The rules say what output would trip them: an agent that read them could evade them."""
     if ROOT_REASON:
         pytest.skip(ROOT_REASON)
-    root = Path(tempfile.mkdtemp(prefix="agentd-rules-t-", dir="/srv"))  # shown read-only
+    root = Path(tempfile.mkdtemp(prefix="agentd-rules-t-", dir=VIEWED_PARENT))  # shown
     root.chmod(0o755)
     rules_dir = root / "rules"
     rules_dir.mkdir(mode=0o755)
@@ -363,7 +364,7 @@ def test_entrypoint_pin_mismatch_is_refused_and_both_hashes_audited(sd: Daemon) 
 def test_entrypoint_pin_covers_the_program_the_agents_path_finds(sd: Daemon) -> None:
     """--env PATH=DIR with another python3 in DIR: the pin judges, and bwrap execs, that file."""
     real = hashlib.sha256(Path(AGENT_PYTHON).resolve().read_bytes()).hexdigest()
-    evil = sd.dir.parent / "evil-path"  # under /srv: the sandbox shows it read-only
+    evil = sd.dir.parent / "evil-path"  # under /etc: the sandbox shows it read-only
     evil.mkdir(mode=0o755, exist_ok=True)
     impostor = evil / "python3"
     impostor.write_text("#!/bin/sh\necho IMPOSTOR RAN\n")
@@ -412,6 +413,60 @@ def test_named_policies_unknown_names_and_broken_files(sd: Daemon) -> None:
     finally:
         shutil.rmtree(policies)
     sd.run(_name("p"), ["/bin/true"])  # fixed: runs again
+
+
+NOTE = """
+import os, sys
+print("code", open(sys.argv[1]).read().strip())
+try:
+    print("beside", sorted(os.listdir(os.path.dirname(os.path.dirname(sys.argv[1])))))
+except OSError as e:
+    print("beside BLOCKED", e.errno)
+open(sys.argv[2] + "/note", "w").write("for the next run")
+print("wrote SUCCEEDED")
+"""
+
+
+def test_code_by_name_and_an_audited_workspace(sd: Daemon) -> None:
+    """A read-only bind under a code root needs no admin; one elsewhere does; a writable
+    workspace needs an admin, is audited with its path and shown by agentctl status."""
+    code = Path(tempfile.mkdtemp(prefix="agentd-code-t-", dir=code_parent()))
+    work = Path(tempfile.mkdtemp(prefix="agentd-work-t-", dir="/srv"))
+    try:
+        code.chmod(0o755)
+        (code / "agent.txt").write_text("my code\n")
+        (code / "agent.txt").chmod(0o644)
+        work.chmod(0o1777)  # the dynamic uid is not known in advance
+        outside = agentd_pb2.PolicyOverrides(bind_ro=[str(work)])
+        with pytest.raises(grpc.RpcError) as exc:
+            sd.run(_name("bind"), ["/bin/true"], overrides=outside)
+        assert _refused(exc)[0] == grpc.StatusCode.PERMISSION_DENIED
+        assert f"bind_ro {work}" in _refused(exc)[1]
+        rw = agentd_pb2.PolicyOverrides(bind_ro=[str(code)], bind_rw=[str(work)])
+        with pytest.raises(grpc.RpcError) as exc:
+            sd.run(_name("bind"), ["/bin/true"], overrides=rw)
+        assert f"bind_rw {work}" in _refused(exc)[1]
+        agent, out = _script(sd, NOTE, str(code / "agent.txt"), str(work), overrides=rw,
+                             key=sd.keys.admin, reason="keeps notes between runs")
+        lines = _lines(out)
+        assert lines["code"] == "my code" and lines["wrote"] == "SUCCEEDED"
+        # The code root's other directories stay out of sight: only the bind is there.
+        assert lines["beside"] == f"['{code.name}']", out
+        assert (work / "note").read_text() == "for the next run"
+        accepted = [r for r in sd.audit_records() if r.get("decision") == "accepted"
+                    and r.get("target") == agent.name]
+        assert accepted[-1]["escalation"] == [f"bind_rw {work}"]
+        launched = [r for r in sd.audit_records() if r.get("agent_id") == agent.id
+                    and r.get("sandbox")]
+        assert any(f"writable: /dev/shm /scratch /var/tmp {work}" in line
+                   for line in launched[-1]["sandbox"]), launched[-1]  # type: ignore[union-attr]
+        text = render.agent_text(agent, __import__("datetime").datetime.now(
+            __import__("datetime").timezone.utc))
+        assert re.search(rf"{work} +rw  host {work}  WORKSPACE", text), text
+        assert re.search(rf"{code} +ro  host {code}\n", text), text
+    finally:
+        shutil.rmtree(code, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def test_binds_cannot_show_the_daemons_files(sd: Daemon) -> None:

@@ -45,7 +45,9 @@ SERVICE_CGROUP = "system.slice/agentd.service"
 AGENTCTL = "/opt/agentd/venv/bin/agentctl"
 SOCKET = "/run/agentd/agentd.sock"
 KEY = "/keys/admin.pem"
-HOSTILE = "/src/tests/hostile"
+# Under a code root of the shipped config (systemd/agentd.toml): agents see
+# only /usr and /etc of the host, and get their programs by a read-only bind.
+HOSTILE = "/srv/agents/hostile"
 # Bounds, from the unit: WatchdogSec=10s, TimeoutAbortSec=5s.
 WATCHDOG_S = 10.0
 ABORT_S = 5.0
@@ -167,8 +169,8 @@ class Deployment:
 
     def run_agent(self, name: str, program: str) -> list[int]:
         """Launch a hostile agent; once it says "ready", pin its processes with pidfds."""
-        agent = self.ctl_json("run", "--name", name, "--", "/usr/bin/python3",
-                              f"{HOSTILE}/{program}")
+        agent = self.ctl_json("run", "--name", name, "--bind-ro", HOSTILE, "--",
+                              "/usr/bin/python3", f"{HOSTILE}/{program}")
         stdout = self.inside(agent["stdout_log"])
         # The hostile programs print "ready" once every process they start is up.
         assert wait_for(lambda: stdout.exists() and "ready" in stdout.read_text(), timeout=10), \
@@ -249,7 +251,6 @@ def deployed() -> Iterator[Deployment]:
     if UNAVAILABLE:
         pytest.skip(UNAVAILABLE)
     work = Path(tempfile.mkdtemp(prefix="agentd-systemd-"))
-    # Agents run as nobody and read their programs under /src.
     os.chmod(work, 0o755)
     box: Container | None = None
     try:
@@ -280,6 +281,8 @@ def deployed() -> Iterator[Deployment]:
                     env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/wheels"}, timeout=300)
         assert "skipped systemctl daemon-reload" not in r.stdout, r.stdout
         box.sh("install -m 0600 /keys/trusted_keys /etc/agentd/trusted_keys && "
+               f"install -d -m 0755 {HOSTILE} && "
+               f"install -m 0644 /src/tests/hostile/*.py {HOSTILE}/ && "
                "systemctl start agentd.service", timeout=60)
         d = Deployment(box)
         d.ready()

@@ -86,6 +86,8 @@ def sandbox(r: Report) -> agentd_pb2.Sandbox:
         entrypoint_sha256=r.entrypoint_sha256,
         checks=[agentd_pb2.RestrictionCheck(name=c.name, ok=c.ok, detail=c.detail)
                 for c in r.checks],
+        view=[agentd_pb2.ViewEntry(path=m.path, writable=m.writable, kind=m.kind,
+                                   source=m.source, why=m.why) for m in r.view],
     )
 
 

@@ -7,7 +7,9 @@ starts from nothing and is granted what its profile says (docs/sandbox.md):
               overrides, and which dimensions of a run are looser than the default;
 - seccomp.py  the syscall filter, compiled by libseccomp in the daemon and handed
               to bwrap as BPF;
-- bwrap.py    the bubblewrap command line that builds the namespaces and mounts;
+- bwrap.py    the agent's filesystem view (the system files, /etc's secrets masked,
+              the profile's binds) and the bubblewrap command line that builds it;
+- mountinfo.py an agent's /proc/PID/mountinfo, held against its view;
 - pin.py      argv[0] resolved and hashed by the daemon before launch;
 - verify.py   the restrictions read back from /proc and cgroupfs after launch.
 """

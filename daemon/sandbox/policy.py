@@ -31,7 +31,7 @@ import re
 import stat
 import threading
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -92,7 +92,7 @@ def builtin_default(cfg: Config) -> Profile:
     """
     return Profile(name=DEFAULT, user=cfg.default_user, memory_bytes=cfg.default_memory_bytes,
                    pids_max=cfg.default_pids_max, nofile=cfg.agent_nofile,
-                   description="built in: no network, read-only host, private scratch")
+                   description="built in: no network, system files only, private scratch")
 
 
 # ------------------------------------------------------------------ parsing
@@ -219,7 +219,13 @@ class Policies:
         default = self.builtin
         by_name = {p.stem: p for p in files}
         if DEFAULT in by_name:
-            default = load_file(by_name.pop(DEFAULT), base=self.builtin)
+            path = by_name.pop(DEFAULT)
+            default = load_file(path, base=self.builtin)
+            if default.bind_rw:
+                # A writable workspace carries notes from one run to the
+                # next: it is named by a run or a profile, never given to all.
+                raise PolicyError(f"{path}: bind_rw: a writable workspace is never a default; "
+                                  "name it in another profile or pass --bind-rw")
         profiles = {DEFAULT: default}
         for name, path in sorted(by_name.items()):
             profiles[name] = load_file(path, base=default)
@@ -330,12 +336,20 @@ def apply(profile: Profile, action: agentd_pb2.RunAction) -> tuple[Profile, dict
     return replace(profile, **values), env
 
 
-def looser(p: Profile, default: Profile) -> list[str]:
+def in_code_root(path: str, code_roots: Iterable[str]) -> bool:
+    """Whether path is one of code_roots or lies below one."""
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in code_roots)
+
+
+def looser(p: Profile, default: Profile, code_roots: Iterable[str] = ()) -> list[str]:
     """Each way p grants more than default, in words; empty when p is no looser.
 
     Every dimension counts: a run that is tighter in one way and looser in
-    another is looser.
+    another is looser. The default view shows no host data, so a bind the
+    default lacks is looser, except a read-only one at or below one of the
+    daemon's code_roots (config): that is how agents get their code.
     """
+    code_roots = tuple(code_roots)
     out: list[str] = []
     if p.network != default.network and p.network == "host":
         out.append("network host")
@@ -351,7 +365,8 @@ def looser(p: Profile, default: Profile) -> list[str]:
     if p.scratch_bytes > default.scratch_bytes:
         out.append(f"scratch {p.scratch_bytes} bytes (default {default.scratch_bytes})")
     for key in ("bind_ro", "bind_rw"):
-        extra = [b for b in getattr(p, key) if b not in getattr(default, key)]
+        extra = [b for b in getattr(p, key) if b not in getattr(default, key)
+                 and not (key == "bind_ro" and in_code_root(b, code_roots))]
         if extra:
             out.append(f"{key} {' '.join(extra)}")
     env = [n for n in p.env_allow if n not in default.env_allow]

@@ -14,6 +14,11 @@ what the kernel shows of every process in the agent's cgroup (proc(5)):
 - /proc/PID/ns/*: mnt, pid, ipc, uts, user (and net, for network "none")
   differ from the daemon's own /proc/self/ns/* (namespaces(7)).
 - /proc/PID/limits: Max open files is the profile's nofile, soft and hard.
+- /proc/PID/mountinfo, once per mount namespace: exactly the view's mounts,
+  each with its filesystem type and read-only flag, each bind and mask
+  showing its source's filesystem and path as the daemon's own mountinfo
+  places it (daemon.sandbox.mountinfo); through /proc/PID/root, each symlink
+  points where the view says.
 - cgroupfs: the memory, swap, pids and cpu limits read back.
 
 bwrap's outer process (the agent's main pid, which the daemon watches) stays
@@ -27,12 +32,15 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.cgroups.limits import Limits
 from daemon.cgroups.tree import AgentCgroup
 from daemon.errors import CgroupError
+from daemon.sandbox import mountinfo
+from daemon.sandbox.bwrap import Mount
 
 NAMESPACES = ("mnt", "pid", "ipc", "uts", "user", "net")
 _NS_CHECK = {k: f"{'network' if k == 'net' else k} namespace" for k in NAMESPACES}
@@ -62,6 +70,7 @@ class Expected:
     network: str
     nofile: int
     limits: Limits
+    view: tuple[Mount, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,7 @@ class Report:
     entrypoint_sha256: str
     looser: tuple[str, ...]
     checks: tuple[Check, ...]
+    view: tuple[Mount, ...] = ()
 
     @property
     def failed(self) -> list[Check]:
@@ -156,11 +166,59 @@ def wait_for_agent(group: AgentCgroup, main_pid: int, helper_cmdline: bytes,
         time.sleep(_POLL_S)
 
 
+def _read_mountinfo(pid: int | str) -> list[mountinfo.Entry]:
+    try:
+        return mountinfo.parse(Path(f"/proc/{pid}/mountinfo").read_text())
+    except (FileNotFoundError, ProcessLookupError) as err:
+        raise _Gone from err
+
+
+def _symlink_problem(pid: int, m: Mount) -> str:
+    """What is wrong with the symlink m as PID sees it (through /proc/PID/root); "" if nothing.
+
+    Only symlinks are looked up by path: they lie on bwrap's root, which its
+    owner (the agent) made searchable. The daemon may lack CAP_DAC_READ_SEARCH
+    (agentd.service), and directories bwrap makes below it for a bind follow
+    the caller's umask: mounts are judged by mountinfo alone.
+    """
+    try:
+        target = os.readlink(f"/proc/{pid}/root{m.path}")
+    except (FileNotFoundError, ProcessLookupError) as err:
+        if not os.path.exists(f"/proc/{pid}"):
+            raise _Gone from err
+        return f"{m.path}: missing in the sandbox"
+    except OSError as err:
+        return f"{m.path}: not a symlink, or unreadable from the host: {err.strerror}"
+    return "" if target == m.source else f"{m.path} -> {target}, not {m.source}"
+
+
+def view_problems(pid: int, view: Sequence[Mount]) -> list[str]:
+    """Each way PID's mount namespace differs from view, read from the host; [] if none.
+
+    Raises _Gone if the process exits meanwhile.
+    """
+    entries = _read_mountinfo(pid)
+    problems = mountinfo.compare(view, entries, _read_mountinfo("self"))
+    problems += [p for p in (_symlink_problem(pid, m) for m in view if m.kind == "symlink")
+                 if p]
+    return problems
+
+
+def _view_summary(view: Sequence[Mount]) -> str:
+    binds = [m for m in view if m.kind == "bind"]
+    masked = sum(1 for m in view if m.kind in ("mask", "hide"))
+    rw = [m.path for m in view if m.writable and m.kind in ("bind", "tmpfs")]
+    return (f"mountinfo shows exactly the view: {len(binds)} bind(s) "
+            f"({' '.join(m.path for m in binds)}), {masked} path(s) masked; "
+            f"writable: {' '.join(rw)}")
+
+
 def _process_checks(pids: list[int], main_pid: int, want: Expected) -> list[Check]:
     own = {k: _ns("self", k) for k in NAMESPACES}
     bad: dict[str, list[str]] = {}
     seen: dict[str, str] = {}
     checked = 0
+    views_seen: set[str | None] = set()
 
     def fail(name: str, what: str) -> None:
         bad.setdefault(name, []).append(what)
@@ -201,6 +259,11 @@ def _process_checks(pids: list[int], main_pid: int, want: Expected) -> list[Chec
                 soft, hard = _nofile(pid)
                 if soft != str(want.nofile) or hard != str(want.nofile):
                     fail("nofile", f"pid {pid} Max open files {soft}/{hard}")
+                mnt = _ns(pid, "mnt")
+                if want.view and mnt not in views_seen:
+                    for problem in view_problems(pid, want.view):
+                        fail("filesystem view", f"pid {pid}: {problem}")
+                    views_seen.add(mnt)
             checked += 1
         except _Gone:
             continue
@@ -219,13 +282,15 @@ def _process_checks(pids: list[int], main_pid: int, want: Expected) -> list[Chec
         "no_new_privs": f"NoNewPrivs 1 in {n}",
         "seccomp": "filter (Seccomp 2) in every sandboxed process",
         "pid namespace": "own PID namespace",
-        "mnt namespace": "own mount namespace: read-only host, private /scratch",
+        "mnt namespace": "own mount namespace",
         "ipc namespace": "own IPC namespace",
         "uts namespace": "own UTS namespace",
         "user namespace": "own user namespace",
         "network namespace": net,
         "nofile": f"RLIMIT_NOFILE {want.nofile}/{want.nofile}",
     }
+    if want.view:
+        good["filesystem view"] = _view_summary(want.view)
     # A failure under a name without a description must never vanish.
     good.update({name: "" for name in bad if name not in good})
     return [Check(name, name not in bad, "; ".join(bad[name][:3]) if name in bad else detail)

@@ -376,7 +376,7 @@ class Supervisor:
             self.kill_agent(agent, "sandbox_failed", record=False)
             raise
         agent.helper_pids = found.helpers
-        agent.sandbox = sandboxing.report(spec, user, found.checks)
+        agent.sandbox = sandboxing.report(spec, user, found.checks, prepared.view)
         failed = agent.sandbox.failed
         if failed:
             out = self.kill_agent(agent, "sandbox_not_applied", record=False)

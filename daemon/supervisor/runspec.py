@@ -74,7 +74,7 @@ def check(action: agentd_pb2.RunAction, cfg: Config, layout: Layout, *, policies
     # anyone, unless the config allows it.
     user = None if profile.user == policy.DYNAMIC else resolve(
         profile.user, allow_root=cfg.allow_root_agents)
-    looser = policy.looser(profile, default)
+    looser = policy.looser(profile, default, cfg.code_roots)
     if looser and not (admin and reason.strip()):
         raise SandboxEscalation(
             f"run refused: its sandbox is looser than the default profile in: "

@@ -81,6 +81,7 @@ class Prepared:
     seccomp_fd: int
     status_r: int
     status_w: int
+    view: tuple[bwrap.Mount, ...] = ()  # what the agent's mount namespace must hold
     sink: StatusSink = field(default_factory=StatusSink)
 
     @property
@@ -124,10 +125,13 @@ def prepare(cfg: Config, spec: RunSpec, user: AgentUser, argv: list[str], *,
     except OSError as err:
         os.close(fd)
         raise LaunchFailed(f"cannot make bwrap's status pipe: {err.strerror}") from err
-    cmd = bwrap.argv(spec.profile, argv, seccomp_fd=fd, hidden=hidden(cfg), uid=user.uid,
-                     gids=(user.gid, *user.groups), omit=cfg.sandbox_test_omit)
+    view = tuple(bwrap.view(spec.profile, hidden=hidden(cfg), uid=user.uid,
+                            gids=(user.gid, *user.groups)))
+    cmd = bwrap.argv(spec.profile, argv, seccomp_fd=fd, uid=user.uid, mounts=view,
+                     omit=cfg.sandbox_test_omit)
     cmd[-len(argv) - 1:-len(argv) - 1] = ["--json-status-fd", str(status_w)]
-    return Prepared(argv=cmd, env=env, seccomp_fd=fd, status_r=status_r, status_w=status_w)
+    return Prepared(argv=cmd, env=env, seccomp_fd=fd, status_r=status_r, status_w=status_w,
+                    view=view)
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ def inspect(group: AgentCgroup, main_pid: int, prepared: Prepared, spec: RunSpec
     pids = verify.wait_for_agent(group, main_pid, prepared.helper_cmdline(), START_TIMEOUT_S)
     want = verify.Expected(uid=user.uid, gid=user.gid, groups=user.groups,
                            network=spec.profile.network, nofile=spec.profile.nofile,
-                           limits=spec.limits)
+                           limits=spec.limits, view=prepared.view)
     if pids is None:
         # Not seen: the main process ended first, or the timeout passed.
         prepared.sink.closed.wait(1.0)
@@ -179,9 +183,10 @@ def _bwrap_message(stderr_log: Path, wait: float = 1.0) -> str:
         time.sleep(0.01)
 
 
-def report(spec: RunSpec, user: AgentUser, checks: list[verify.Check]) -> verify.Report:
+def report(spec: RunSpec, user: AgentUser, checks: list[verify.Check],
+           view: tuple[bwrap.Mount, ...] = ()) -> verify.Report:
     p = spec.profile
     return verify.Report(policy=p.name, network=p.network, user=user.name,
                          scratch_bytes=p.scratch_bytes, entrypoint=spec.entrypoint.path,
                          entrypoint_sha256=spec.entrypoint.sha256, looser=spec.looser,
-                         checks=tuple(checks))
+                         checks=tuple(checks), view=view)

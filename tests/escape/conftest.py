@@ -28,15 +28,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.conftest import ROOT_REASON
 from tests.escape import host, runner
-from tests.harness import HOSTILE_MARK, Daemon, alive, pids_in, wait_for
+from tests.harness import (
+    HOSTILE_MARK,
+    VIEWED_PARENT,
+    Daemon,
+    alive,
+    code_parent,
+    pids_in,
+    wait_for,
+)
 
 # One tag per session: every file an escape program creates carries it, so
 # the host can be searched for what got out (and cleaned up).
 TAG = f"agentd-escape-{uuid.uuid4().hex[:8]}"
 # In the daemon's environment, never to be seen by an agent.
 CANARY = f"canary-{uuid.uuid4().hex}"
-# A host directory agents see (read-only) in their sandbox.
-_VISIBLE_TMP = "/srv"
 # Host directories searched for tagged files after each technique.
 _HOST_DIRS = ("/", "/tmp", "/var/tmp", "/srv", "/dev/shm", "/etc", "/usr", "/usr/local", "/root",
               "/run", "/home", "/var/lib", "/nonexistent")
@@ -77,8 +83,8 @@ class Secrets:
 def escape_daemon() -> Iterator[Secrets]:
     """A dev daemon whose directory holds a private key (0600), with a canary in its env.
 
-    It lives under /srv, which the sandbox shows read-only (its /tmp and
-    /var/tmp are private: a daemon there would be out of sight for free), in a
+    It lives under /etc, which the sandbox shows read-only (the rest of the
+    host is out of the view: a daemon there would be out of sight for free), in a
     world-searchable parent, so that only the daemon's own permissions (its
     directory 0750, its files 0600) and the sandbox's hiding stand between an
     agent and its state, as in a deployment (/var/lib/agentd, /etc/agentd).
@@ -86,7 +92,7 @@ def escape_daemon() -> Iterator[Secrets]:
     """
     if ROOT_REASON:
         pytest.skip(ROOT_REASON)
-    root = Path(tempfile.mkdtemp(prefix="agentd-t-escape-", dir=_VISIBLE_TMP))
+    root = Path(tempfile.mkdtemp(prefix="agentd-t-escape-", dir=VIEWED_PARENT))
     os.chmod(root, 0o755)
     dev = root / "dev"
     dev.mkdir(mode=0o750)
@@ -119,9 +125,9 @@ def escape_daemon() -> Iterator[Secrets]:
 def programs() -> Iterator[Path]:
     """The escape programs in a world-readable directory (named for the leak check).
 
-    Under /srv, part of the sandbox's read-only host view (/tmp and /var/tmp are not).
+    Under the test daemons' code root: each agent binds it read-only (runner.launch).
     """
-    d = Path(tempfile.mkdtemp(prefix=HOSTILE_MARK + "escape-", dir=_VISIBLE_TMP))
+    d = Path(tempfile.mkdtemp(prefix=HOSTILE_MARK + "escape-", dir=code_parent()))
     runner.install_programs(d)
     yield d
     shutil.rmtree(d, ignore_errors=True)

@@ -122,6 +122,8 @@ def launch(daemon: Daemon, programs: Path, name: str, program: str, targets: dic
     cmd = daemon.command(reason=f"escape suite: {program}")
     cmd.run.name = name
     cmd.run.argv.extend([AGENT_PYTHON, str(programs / program), json.dumps(targets)])
+    # Its code, as an operator gives it: a read-only bind under a code root.
+    cmd.run.overrides.bind_ro.append(str(programs))
     cmd.run.resources.pids_max = pids
     cmd.run.resources.memory_bytes = memory
     if scratch_bytes is not None:

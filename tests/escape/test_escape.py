@@ -1,9 +1,10 @@
 """Escape suite: each technique is a small agent program, and each must be contained.
 
 Every program runs as an agent of a real daemon under its default profile
-(sandboxed: no network, read-only host view, private scratch, hidden daemon
-state, own PID namespace, no capabilities, no_new_privs, seccomp). Each test
-asserts that every attempt was contained, judged from the host wherever the
+(sandboxed: no network, the system files only, read-only, its code bound by
+name, private scratch, hidden daemon state, own PID namespace, no
+capabilities, no_new_privs, seccomp). Each test asserts that every attempt
+was contained, judged from the host wherever the
 host can see the outcome; that the daemon still answers; that the bystander
 agent started before runs on untouched; that nothing appeared on the host;
 and that the kill leaves no process behind. Each test lists the attempts its
@@ -17,12 +18,14 @@ The session ends with a table of techniques tried and contained.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import stat
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,7 +105,7 @@ def test_loopback_connect(escape: Escape, listeners: HostListeners) -> None:
 # ------------------------------------------------------------------ filesystem
 @pytest.mark.needs_sandbox
 def test_write_outside_scratch(escape: Escape) -> None:
-    """The host view is read-only: nothing written outside /scratch reaches the host.
+    """The view is read-only: nothing written outside /scratch reaches the host.
 
     Creating files in /etc, /usr, /var/tmp, /tmp, /dev/shm, /run, /root, /,
     the programs' own directory and the daemon's, directly and through
@@ -222,6 +225,73 @@ def test_read_the_daemons_secrets(escape: Escape) -> None:
     escape.conclude(report, runner.verdicts(report, expected, host), extra)
 
 
+@pytest.fixture
+def planted(programs: Path) -> Iterator[dict[str, str]]:
+    """A world-readable file, unique per test, in each host directory the view leaves out,
+    and two beside the agents' code: in the code root, and in a directory next to theirs."""
+    name = f"agentd-planted-{uuid.uuid4().hex[:8]}"
+    parents = {d: Path(d) for d in ("/home", "/root", "/var/lib", "/srv", "/opt", "/mnt")}
+    parents["code-root"] = programs.parent
+    sibling = programs.parent / name
+    sibling.mkdir(mode=0o755)
+    parents["code-sibling"] = sibling
+    made: dict[str, str] = {}
+    try:
+        for label, parent in parents.items():
+            if parent.is_dir():
+                path = parent / f"{name}.txt"
+                path.write_text(f"private data {name}\n")
+                path.chmod(0o644)
+                made[label] = str(path)
+        yield made
+    finally:
+        for path in made.values():
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        shutil.rmtree(sibling, ignore_errors=True)
+
+
+@pytest.mark.needs_sandbox
+def test_read_host_data(escape: Escape, planted: dict[str, str]) -> None:
+    """The view is the system's: no host data outside it opens, however readable on the host.
+
+    World-readable files planted in /home, /root, /var/lib, /srv, /opt, /mnt,
+    in the code root beside the agent's bound code and in a directory next
+    to it: each must be absent from the agent's mount namespace (judged by
+    the host through /proc/PID/root, not by the agent's word). /etc's
+    secrets and host identity read empty: /dev/null lies over them. The
+    agent's own code, bound read-only from the code root, reads.
+    """
+    etc = [p for p in ("/etc/shadow", "/etc/gshadow", "/etc/machine-id", "/etc/hostname")
+           if os.path.isfile(p) and os.path.getsize(p)]
+    own = str(escape.programs / "read_host_data.py")
+    agent = escape.run("read_host_data.py", {"planted": planted, "etc_secrets": etc,
+                                              "own_code": own})
+    report = escape.report(agent)
+    pid = escape.launched[agent.name].main()
+    host: dict[str, Judge] = {}
+    for label, path in planted.items():
+        seen = os.path.lexists(hostview.in_root(pid, path))
+        host[f"planted:{label}"] = (
+            lambda a, seen=seen: blocked(a) and a.detail == "ENOENT" and not seen)
+    for path in etc:
+        leaks = _would_read(hostview.in_root(pid, path), Path(path).read_bytes())
+        host[f"etc:{path}"] = lambda a, leaks=leaks: not leaks and (
+            blocked(a) or a.detail == "read-0-bytes")
+    extra = []
+    if not report.facts.get("own-code", "").startswith("read-") or not os.path.isfile(
+            hostview.in_root(pid, own)):
+        extra.append(f"the agent cannot read its own code {own}: {report.facts.get('own-code')}")
+    shown = set(report.facts.get("top-level", "").split(","))
+    beyond = shown - {"bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "run",
+                      "sbin", "scratch", "tmp", "usr", "var", "srv"}
+    if beyond:
+        extra.append(f"the agent sees top-level entries beyond the view: {sorted(beyond)}")
+    if os.path.lexists(hostview.in_root(pid, "/sys/fs/cgroup")):
+        extra.append("the agent's view has /sys/fs/cgroup (other agents' cgroups)")
+    escape.conclude(report, runner.verdicts(report, host, host), extra)
+
+
 def _would_read(path: str, secret: bytes) -> bool:
     """Whether opening path (as the host, in the agent's view) yields the secret's bytes."""
     try:
@@ -246,10 +316,10 @@ def _environ_has(pid: int, text: str) -> bool:
 
 
 @pytest.fixture
-def host_service() -> Iterator[HostListeners]:
-    """A world-connectable Unix socket in /srv (visible, read-only), standing in for any
-    host service's: a read-only mount does not stop connect(2) to a socket file."""
-    ls = HostListeners(socket_path=f"/srv/{TAG}-host-service.sock")
+def host_service(programs: Path) -> Iterator[HostListeners]:
+    """A world-connectable Unix socket beside the agents' code (bound read-only), standing in
+    for any host service's: a read-only mount does not stop connect(2) to a socket file."""
+    ls = HostListeners(socket_path=f"{programs}/{TAG}-host-service.sock")
     yield ls
     ls.close()
 
@@ -259,9 +329,10 @@ def test_connect_to_the_control_socket(escape: Escape, host_service: HostListene
 
     Peers' agents switched their sandbox off through an unauthenticated
     control channel. The agent also walks the filesystem it can see for
-    socket files and tries each; the host keeps one, mode 0666, in /srv
-    (the host's shared temporary directory) for it to find: a Unix socket
-    reached through the filesystem is a channel out of network = none.
+    socket files and tries each; the host keeps one, mode 0666, beside the
+    agent's code (a read-only bind: the view shows no other host directory
+    where one could be) for it to find: a Unix socket reached through the
+    filesystem is a channel out of network = none.
     """
     d = escape.daemon
     assert d.socket.is_socket()
@@ -270,7 +341,7 @@ def test_connect_to_the_control_socket(escape: Escape, host_service: HostListene
     agent = escape.run("control_socket.py", {
         "socket": str(d.socket), "daemon_pid": d.pid,
         "scan_roots": ["/run", "/var/run", "/tmp", "/var/tmp", "/srv", "/dev", "/root", "/home",
-                       "/var/lib", "/etc", str(d.dir.parent)]})
+                       "/var/lib", "/etc", str(d.dir.parent), str(escape.programs)]})
     report = escape.report(agent)
     time.sleep(0.3)  # let the listener thread take anything still in flight
     heard = host_service.heard
@@ -804,7 +875,7 @@ def test_sandbox_seen_from_inside(escape: Escape) -> None:
 
 
 @pytest.mark.needs_sandbox
-@pytest.mark.parametrize("omit", ["network", "seccomp", "pid"])
+@pytest.mark.parametrize("omit", ["network", "seccomp", "pid", "view", "masks"])
 def test_restriction_left_out_is_caught(escape: Escape, omit: str) -> None:
     """A sandbox missing one restriction never runs an agent: the daemon's outside check sees it.
 

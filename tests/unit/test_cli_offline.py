@@ -986,6 +986,33 @@ def test_ps_and_status(fake: tuple[FakeAgentd, Path]) -> None:
     assert missing.stderr == "agentctl: error: NOT_FOUND: no agent named 'nobody'\n"
 
 
+def test_status_lists_the_filesystem_view_and_marks_a_workspace(
+        fake: tuple[FakeAgentd, Path]) -> None:
+    servicer, sock = fake
+    agent = _agent()
+    V = agentd_pb2.ViewEntry
+    agent.sandbox.CopyFrom(agentd_pb2.Sandbox(
+        policy="default", network="none", user="dynamic:61999", scratch_bytes=256 << 20,
+        view=[V(path="/usr", kind="bind", source="/usr"),
+              V(path="/bin", kind="symlink", source="usr/bin"),
+              V(path="/scratch", kind="tmpfs", writable=True, source="private tmpfs"),
+              V(path="/srv/notes", kind="bind", writable=True, source="/srv/notes"),
+              V(path="/etc/shadow", kind="mask", source="/dev/null", why="password hashes")]))
+    servicer.agents = [agent]
+
+    status = invoke(["--socket", str(sock), "status", "rogue"])
+
+    assert status.stdout.split("checked from outside at launch: 0 ok\n", 1)[1].split(
+        "signals:")[0] == (
+        "             filesystem view (nothing else of the host):\n"
+        "               /usr         ro  host /usr\n"
+        "               /bin         ->  usr/bin\n"
+        "               /scratch     rw  private tmpfs\n"
+        "               /srv/notes   rw  host /srv/notes  WORKSPACE (writable host directory)\n"
+        "               /etc/shadow  ro  /dev/null: masked (password hashes)\n"
+    )
+
+
 def test_status_shows_the_sandbox_checked_from_outside(fake: tuple[FakeAgentd, Path]) -> None:
     servicer, sock = fake
     agent = _agent()

@@ -183,7 +183,8 @@ def test_hidden_paths_skip_what_a_hidden_directory_already_covers(tmp_path: Path
     assert Hidden("/etc/passwd", False) in hidden  # /etc itself is never blanked
 
 
-def test_binds_may_not_touch_hidden_paths(tmp_path: Path) -> None:
+def test_binds_may_not_touch_hidden_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bwrap, "OWN", ("/proc", "/dev", "/scratch"))  # tmp_path is in /tmp
     hidden = [Hidden(str(tmp_path / "state"), True)]
     (tmp_path / "state").mkdir()
     (tmp_path / "data").mkdir()

@@ -897,6 +897,7 @@ class Sandbox(_message.Message):
     SCRATCH_BYTES_FIELD_NUMBER: _builtins.int
     ENTRYPOINT_SHA256_FIELD_NUMBER: _builtins.int
     CHECKS_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     policy: _builtins.str
     network: _builtins.str
     user: _builtins.str
@@ -908,6 +909,12 @@ class Sandbox(_message.Message):
     def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RestrictionCheck]:
         """each restriction, verified from outside"""
 
+    @_builtins.property
+    def view(self) -> _containers.RepeatedCompositeFieldContainer[Global___ViewEntry]:
+        """The agent's filesystem view, in the order it was mounted; the
+        "filesystem view" check held its mountinfo against exactly this.
+        """
+
     def __init__(
         self,
         *,
@@ -917,14 +924,52 @@ class Sandbox(_message.Message):
         scratch_bytes: _builtins.int = ...,
         entrypoint_sha256: _builtins.str = ...,
         checks: _abc.Iterable[Global___RestrictionCheck] | None = ...,
+        view: _abc.Iterable[Global___ViewEntry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "entrypoint_sha256", b"entrypoint_sha256", "network", b"network", "policy", b"policy", "scratch_bytes", b"scratch_bytes", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "entrypoint_sha256", b"entrypoint_sha256", "network", b"network", "policy", b"policy", "scratch_bytes", b"scratch_bytes", "user", b"user", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Sandbox: _TypeAlias = Sandbox  # noqa: Y015
+
+@_typing.final
+class ViewEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    WRITABLE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    WHY_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """where the agent sees it"""
+    writable: _builtins.bool
+    kind: _builtins.str
+    """"bind", "symlink", "proc", "dev", "tmpfs", "mask" (a file under
+    /dev/null), "hide" (a directory under an empty tmpfs), "root".
+    """
+    source: _builtins.str
+    """a bind's host path, a symlink's target, or what it is"""
+    why: _builtins.str
+    """for a mask or hide: what it keeps from the agent"""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        writable: _builtins.bool = ...,
+        kind: _builtins.str = ...,
+        source: _builtins.str = ...,
+        why: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "path", b"path", "source", b"source", "why", b"why", "writable", b"writable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ViewEntry: _TypeAlias = ViewEntry  # noqa: Y015
 
 @_typing.final
 class RestrictionCheck(_message.Message):
