@@ -456,6 +456,8 @@ def test_code_by_name_and_an_audited_workspace(sd: Daemon) -> None:
         accepted = [r for r in sd.audit_records() if r.get("decision") == "accepted"
                     and r.get("target") == agent.name]
         assert accepted[-1]["escalation"] == [f"bind_rw {work}"]
+        # On record with its path, whether or not it was an escalation.
+        assert (accepted[-1]["bind_rw"], accepted[-1]["bind_ro"]) == ([str(work)], [str(code)])
         launched = [r for r in sd.audit_records() if r.get("agent_id") == agent.id
                     and r.get("sandbox")]
         assert any(f"writable: /dev/shm /scratch /var/tmp {work}" in line

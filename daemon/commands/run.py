@@ -27,6 +27,9 @@ def run(ctx: Ctx, envelope: agentd_pb2.Envelope) -> Agent:
         ctx, vc, action.name, argv=list(action.argv),
         user=spec.user.name if spec.user else DYNAMIC, lease_ms=spec.lease_ms,
         max_runtime_ms=spec.max_runtime_ms, policy=profile.name, network=profile.network,
+        # What of the host it sees: a writable workspace is how a run leaves
+        # notes for the next one, so it is always on record with its path.
+        bind_ro=list(profile.bind_ro), bind_rw=list(profile.bind_rw),
         entrypoint=spec.entrypoint.path,
         entrypoint_sha256=spec.entrypoint.sha256 or f"unreadable: {spec.entrypoint.error}",
         **({"escalation": list(spec.looser)} if spec.looser else {}))
