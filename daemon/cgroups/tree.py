@@ -54,6 +54,10 @@ class AgentCgroup:
         self.rel_v2 = "/" + str(self.v2.relative_to(tree.layout.unified))
         self._kill_fd = -1
         self._events_fd = -1
+        # cpu.stat, held once first read: the sampler reads it for every agent
+        # every period, and one pread(2) costs a fifth of open+read+close.
+        self._cpu_fd = -1
+        self._closed = False
         # Guards the held handles against close() from the reaper while the
         # kill path uses them: a closed fd number may be reused at once by
         # another open(), and a kill must never write "1" to someone else's
@@ -66,6 +70,7 @@ class AgentCgroup:
         fs.mkdir(self.v2)
         for path in self.v1.values():
             fs.mkdir(path)
+        self._closed = False
         self._events_fd = fs.open_handle(self.v2 / "cgroup.events", write=False)
         if self.tree.has_cgroup_kill:
             self._kill_fd = fs.open_handle(self.v2 / "cgroup.kill", write=True)
@@ -73,10 +78,11 @@ class AgentCgroup:
     def close(self) -> None:
         """Close the held handles (remove() does it too)."""
         with self._handles:
-            for fd in (self._kill_fd, self._events_fd):
+            for fd in (self._kill_fd, self._events_fd, self._cpu_fd):
                 if fd >= 0:
                     fs.close_handle(fd)
-            self._kill_fd = self._events_fd = -1
+            self._kill_fd = self._events_fd = self._cpu_fd = -1
+            self._closed = True
 
     def procs_files(self) -> list[str]:
         """The cgroup.procs files the launch shim writes itself into, v2 last.
@@ -160,12 +166,28 @@ class AgentCgroup:
 
         From the v2 cgroup's cpu.stat usage_usec, which the cgroup core keeps
         in every v2 cgroup, with or without the cpu controller (Linux >= 5.x).
+        The file is held open from the first call until close(); seq_file
+        regenerates it on every read at offset 0.
         """
-        try:
-            return int(fs.read_keyed(self.v2 / "cpu.stat")["usage_usec"])
-        except (KeyError, ValueError) as err:
-            raise CgroupError(f"no usage_usec in {self.v2 / 'cpu.stat'}",
-                              str(self.v2 / "cpu.stat")) from err
+        path = self.v2 / "cpu.stat"
+        text: str | None = None
+        with self._handles:
+            if self._cpu_fd < 0 and not self._closed:
+                self._cpu_fd = fs.open_handle(path, write=False)
+            held = self._cpu_fd >= 0
+            if held:
+                text = fs.read_handle(self._cpu_fd, path)
+        if not held:
+            text = fs.read(path)
+        if text is None:
+            raise CgroupError(f"failed to read {path}: the cgroup was removed", str(path))
+        for line in text.splitlines():
+            if line.startswith("usage_usec "):
+                try:
+                    return int(line[11:])
+                except ValueError:
+                    break
+        raise CgroupError(f"no usage_usec in {path}", str(path))
 
     # ---------------------------------------------------------------- kill
     def kill(self) -> str:
