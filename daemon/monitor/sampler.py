@@ -16,22 +16,41 @@ daemon would wake for every fork on the host), its socket drops events under
 a fork storm (ENOBUFS), and a short-lived process must be mapped to its
 cgroup after it may already have gone; it is left for later.
 
-Cost: a sweep reads a few cgroup files per agent and, per process, its exe
-link and every fd link (fdinfo only for files outside the allowed prefixes),
-plus the TCP/UDP tables once per network namespace (reading /proc/net/tcp
-walks the kernel's whole established hash: about 1 ms on a host with 256K
-buckets, whatever the number of sockets). Measured (benchmarks/sampler_cost.py,
-2 vCPUs): 100 agents of 3 processes each about 20 ms, of 10 processes each
-about 45 ms. An agent at its limits (pids.max processes each holding nofile
-fds) can stretch a sweep to seconds: sampling then runs less often, and
-nothing else waits on it.
+Quiet agents: a sample starts with the agent cgroup's cpu.stat usage_usec
+(one pread(2) of a held handle). If it has not moved since the last full
+sample, no process of the agent has run since (the kernel charges every
+fork, exec, open, socket call and exit to the cgroup's CPU time), so its
+processes, executables, fds, sockets and files cannot have changed: the
+sample carries the last full one's detail forward with fresh times, rates
+and cpu_percent 0, and reads nothing else. What may change without the
+agent running is refreshed by a full sample of each quiet agent every
+refresh_s (10 s by default, spread over agents): memory_bytes (the kernel
+reclaims pages, or charges received network buffers), connections a peer
+closed or reset, oom_kills and pids. An agent that runs anything gets a full
+sample in that same sweep, so every signal tripwire acts as fast as before.
+A burst of less than a microsecond of CPU would go unseen until the next
+one or the refresh; no fork, exec or socket call is that short.
+
+Cost: a full sample reads cgroup.procs, cpu.stat and the memory files and,
+per process, its exe link and every fd link (fdinfo only for files outside
+the allowed prefixes), plus the TCP/UDP tables once per network namespace
+whose processes hold sockets (reading /proc/net/tcp walks the kernel's whole
+established hash: about 1 ms on a host with 256K buckets, whatever the
+number of sockets). A quiet sample reads one file. Measured
+(benchmarks/sampler_cost.py, benchmarks/idle_scale.py, 2 vCPUs): see
+CHANGELOG.md and the benchmarks' tables; 1,000 idle sandboxed agents cost
+the daemon about 1 % of a core. An agent at its limits (pids.max processes
+each holding nofile fds) that keeps running can stretch a sweep to seconds:
+sampling then runs less often, and nothing else waits on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -51,6 +70,9 @@ RECENT_COMMANDS = 10
 FILES_WRITTEN_MAX = 20
 REMOTE_ADDRESSES_MAX = 20
 DEFAULT_ALLOWED_PREFIXES = ("/tmp", "/var/tmp", "/dev")
+# How often a quiet agent (no CPU used since its last full sample) is still
+# sampled in full, for what changes without it running (module docstring).
+QUIET_REFRESH_S = 10.0
 
 Listener = Callable[["Agent", Signals], None]
 
@@ -82,6 +104,10 @@ class _Track:
     at: float | None = None  # monotonic time of the last sample
     # processes_started at each sample, for rates over whole windows.
     starts: CountHistory | None = None
+    # The last full sample, carried forward while the agent is quiet, and
+    # when (monotonic) a quiet agent is next sampled in full all the same.
+    full: Signals | None = None
+    refresh_at: float = 0.0
 
 
 class Sampler:
@@ -91,13 +117,17 @@ class Sampler:
     (files_written); a comma-separated string or an iterable of absolute paths.
     kill_gate: the reactor's lock held by a burst of kills; while it is held
     the sweep stops early, so sampling never competes with a mass kill.
+    refresh_s: how often a quiet agent is sampled in full all the same
+    (module docstring); 0 samples every agent in full every time.
     """
 
     def __init__(self, sup: AgentSource, interval_s: float = 1.0,
                  allowed_prefixes: str | Iterable[str] = DEFAULT_ALLOWED_PREFIXES, *,
-                 kill_gate: threading.Lock | None = None) -> None:
+                 kill_gate: threading.Lock | None = None,
+                 refresh_s: float = QUIET_REFRESH_S) -> None:
         self._sup = sup
         self.interval_s = interval_s
+        self.refresh_s = refresh_s
         if isinstance(allowed_prefixes, str):
             allowed_prefixes = parse_prefixes(allowed_prefixes)
         self.allowed = procfs.Prefixes(allowed_prefixes)
@@ -194,8 +224,10 @@ class Sampler:
         track = self._tracks.setdefault(agent.id, _Track())
         group = agent.cgroup
         now_wall, now = time.time(), time.monotonic()
-        pids = group.pids()
         cpu_usec = group.cpu_usage_usec()
+        if track.full is not None and cpu_usec == track.cpu_usec and now < track.refresh_at:
+            return self._install(agent, self._quiet(agent, track, now_wall, now))
+        pids = group.pids()
         window = now - track.at if track.at is not None else None
 
         new_execs: dict[str, None] = {}  # ordered, without repeats
@@ -252,12 +284,7 @@ class Sampler:
         track.members = members
         track.started += started
         track.cpu_usec, track.at = cpu_usec, now
-        if track.starts is None:
-            # The launch, on the monotonic clock: when the count was 0.
-            born = min(now, now - (now_wall - agent.started_at))
-            track.starts = CountHistory(born, keep_s=max(self._windows))
-        track.starts.add(now, track.started)
-        rates = {w: track.starts.rate(w) for w in self._windows}
+        rates = self._rates(agent, track, now_wall, now)
 
         new = Signals(
             sampled_at=now_wall,
@@ -277,6 +304,39 @@ class Sampler:
             oom_kills=group.oom_kills(),
             new_executables=list(new_execs),
         )
+        track.full = new
+        # Spread over agents, so that agents sampled first together (a
+        # daemon's start) are not all refreshed in the same sweep.
+        spread = (zlib.crc32(agent.id.encode()) & 0xFF) / 0x200  # [0, 0.5)
+        track.refresh_at = now + self.refresh_s * (1 - spread)
+        return self._install(agent, new)
+
+    def _rates(self, agent: Agent, track: _Track, now_wall: float, now: float
+               ) -> dict[float, float]:
+        """Record processes_started now; its rate over each window (daemon.monitor.rates)."""
+        if track.starts is None:
+            # The launch, on the monotonic clock: when the count was 0.
+            born = min(now, now - (now_wall - agent.started_at))
+            track.starts = CountHistory(born, keep_s=max(self._windows))
+        track.starts.add(now, track.started)
+        return {w: track.starts.rate(w) for w in self._windows}
+
+    def _quiet(self, agent: Agent, track: _Track, now_wall: float, now: float) -> Signals:
+        """The last full sample's detail with fresh times and rates: nothing ran since."""
+        assert track.full is not None
+        full = track.full
+        track.at = now  # cpu_usec is unchanged: the next window starts here
+        rates = self._rates(agent, track, now_wall, now)
+        return dataclasses.replace(
+            full, sampled_at=now_wall, uptime_s=max(0.0, now_wall - agent.started_at),
+            processes_per_second=rates[self._windows[0]], process_rates=rates,
+            recent_commands=list(track.recent), cpu_percent=0.0,
+            remote_addresses=list(full.remote_addresses),
+            files_written=list(full.files_written), new_executables=[])
+
+    @staticmethod
+    def _install(agent: Agent, new: Signals) -> Signals | None:
+        """Make new the agent's signals, unless it ended meanwhile (then None)."""
         with agent.lock:
             # An agent that ended meanwhile keeps its last full sample, not
             # one taken from a half-removed cgroup.
