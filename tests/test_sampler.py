@@ -175,7 +175,9 @@ def test_sockets_files_and_cpu(scratch: ScratchAgents, tmp_path: Path) -> None:
 
 def test_a_quiet_agent_costs_one_read_and_is_refreshed(scratch: ScratchAgents,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """No CPU used since the last full sample: no /proc read; refresh_s still forces one."""
+    """No CPU used since the last full sample: no /proc read, until a refresh finds a new pid."""
+    import subprocess
+
     from daemon.monitor import procfs
 
     agent = scratch.spawn(["/bin/sleep", "30"], name="quiet")
@@ -195,10 +197,26 @@ def test_a_quiet_agent_costs_one_read_and_is_refreshed(scratch: ScratchAgents,
     assert (quiet.pids, quiet.processes_started, quiet.cpu_seconds) == (
         full.pids, full.processes_started, full.cpu_seconds)
     assert quiet.new_executables == []
-    sampler.refresh_s = 0.0
+    # A refresh with the same members reads the cgroup's counters only.
     sampler._tracks[agent.id].refresh_at = 0.0
     sampler.sweep()
-    assert reads == [agent.proc.pid]
+    assert reads == []
+    # A process moved in from outside has not run in the cgroup: only a
+    # refresh can see it, and then it is sampled in full.
+    outsider = subprocess.Popen(["/bin/sleep", "30"])
+    try:
+        time.sleep(0.1)  # let it reach its sleep before it is moved
+        (agent.cgroup.v2 / "cgroup.procs").write_text(str(outsider.pid))
+        sampler.sweep()
+        assert agent.signals.pids == 1
+        sampler._tracks[agent.id].refresh_at = 0.0
+        sampler.sweep()
+        assert agent.signals.pids == 2
+        assert agent.signals.processes_started == full.processes_started + 1
+        assert outsider.pid in reads
+    finally:
+        outsider.kill()
+        outsider.wait()
 
 
 def test_a_known_process_that_wakes_is_sampled_in_full_at_once(scratch: ScratchAgents) -> None:

@@ -57,6 +57,7 @@ class AgentCgroup:
         # cpu.stat, held once first read: the sampler reads it for every agent
         # every period, and one pread(2) costs a fifth of open+read+close.
         self._cpu_fd = -1
+        self._cpu_path = self.v2 / "cpu.stat"  # made once: a Path join costs more than the read
         self._closed = False
         # Guards the held handles against close() from the reaper while the
         # kill path uses them: a closed fd number may be reused at once by
@@ -169,7 +170,7 @@ class AgentCgroup:
         The file is held open from the first call until close(); seq_file
         regenerates it on every read at offset 0.
         """
-        path = self.v2 / "cpu.stat"
+        path = self._cpu_path
         text: str | None = None
         with self._handles:
             if self._cpu_fd < 0 and not self._closed:

@@ -22,21 +22,24 @@ sample, no process of the agent has run since (the kernel charges every
 fork, exec, open, socket call and exit to the cgroup's CPU time), so its
 processes, executables, fds, sockets and files cannot have changed: the
 sample carries the last full one's detail forward with fresh times, rates
-and cpu_percent 0, and reads nothing else. What may change without the
-agent running is refreshed by a full sample of each quiet agent every
-refresh_s (10 s by default, spread over agents): memory_bytes (the kernel
-reclaims pages, or charges received network buffers), connections a peer
-closed or reset, oom_kills and pids. An agent that runs anything gets a full
-sample in that same sweep, so every signal tripwire acts as fast as before.
-A burst of less than a microsecond of CPU would go unseen until the next
-one or the refresh; no fork, exec or socket call is that short.
+and cpu_percent 0, and reads nothing else. What may change without the agent
+running is refreshed every refresh_s (10 s by default, spread over agents):
+memory_bytes (the kernel reclaims pages, or charges received network
+buffers), oom_kills, and the members (a process an administrator moved in),
+from the cgroup's own files; an agent holding sockets (whose peers may close
+or reset connections) or whose members changed is then sampled in full. An
+agent that runs anything is sampled in full in that same sweep, so every
+signal tripwire acts as fast as before. A burst of less than a microsecond
+of CPU would go unseen until the next one or the refresh; no fork, exec or
+socket call is that short.
 
 Cost: a full sample reads cgroup.procs, cpu.stat and the memory files and,
 per process, its exe link and every fd link (fdinfo only for files outside
 the allowed prefixes), plus the TCP/UDP tables once per network namespace
 whose processes hold sockets (reading /proc/net/tcp walks the kernel's whole
 established hash: about 1 ms on a host with 256K buckets, whatever the
-number of sockets). A quiet sample reads one file. Measured
+number of sockets). A quiet sample reads one file (about 7 us of the
+sampler thread per agent); a refresh three. Measured
 (benchmarks/sampler_cost.py, benchmarks/idle_scale.py, 2 vCPUs): see
 CHANGELOG.md and the benchmarks' tables; 1,000 idle sandboxed agents cost
 the daemon about 1 % of a core. An agent at its limits (pids.max processes
@@ -46,7 +49,6 @@ sampling then runs less often, and nothing else waits on it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -225,9 +227,21 @@ class Sampler:
         group = agent.cgroup
         now_wall, now = time.time(), time.monotonic()
         cpu_usec = group.cpu_usage_usec()
-        if track.full is not None and cpu_usec == track.cpu_usec and now < track.refresh_at:
-            return self._install(agent, self._quiet(agent, track, now_wall, now))
-        pids = group.pids()
+        pids: list[int] | None = None
+        if track.full is not None and cpu_usec == track.cpu_usec:
+            if now < track.refresh_at:
+                return self._install(agent, self._quiet(agent, track, now_wall, now))
+            # Due for a refresh. Without sockets, and with the same members,
+            # only the cgroup's own counters can have moved.
+            pids = group.pids()
+            if not track.full.sockets_open and track.members.keys() == set(pids):
+                new = self._quiet(agent, track, now_wall, now)
+                new.memory_bytes, new.oom_kills = group.memory_bytes(), group.oom_kills()
+                track.full = new
+                self._schedule_refresh(agent, track, now)
+                return self._install(agent, new)
+        if pids is None:
+            pids = group.pids()
         window = now - track.at if track.at is not None else None
 
         new_execs: dict[str, None] = {}  # ordered, without repeats
@@ -305,11 +319,14 @@ class Sampler:
             new_executables=list(new_execs),
         )
         track.full = new
+        self._schedule_refresh(agent, track, now)
+        return self._install(agent, new)
+
+    def _schedule_refresh(self, agent: Agent, track: _Track, now: float) -> None:
         # Spread over agents, so that agents sampled first together (a
         # daemon's start) are not all refreshed in the same sweep.
         spread = (zlib.crc32(agent.id.encode()) & 0xFF) / 0x200  # [0, 0.5)
         track.refresh_at = now + self.refresh_s * (1 - spread)
-        return self._install(agent, new)
 
     def _rates(self, agent: Agent, track: _Track, now_wall: float, now: float
                ) -> dict[float, float]:
@@ -324,15 +341,17 @@ class Sampler:
     def _quiet(self, agent: Agent, track: _Track, now_wall: float, now: float) -> Signals:
         """The last full sample's detail with fresh times and rates: nothing ran since."""
         assert track.full is not None
-        full = track.full
         track.at = now  # cpu_usec is unchanged: the next window starts here
         rates = self._rates(agent, track, now_wall, now)
-        return dataclasses.replace(
-            full, sampled_at=now_wall, uptime_s=max(0.0, now_wall - agent.started_at),
-            processes_per_second=rates[self._windows[0]], process_rates=rates,
-            recent_commands=list(track.recent), cpu_percent=0.0,
-            remote_addresses=list(full.remote_addresses),
-            files_written=list(full.files_written), new_executables=[])
+        # A shallow copy, not dataclasses.replace or copy.copy (each a third
+        # of a quiet sample's cost): samples are never changed once
+        # installed, but for tripwire_hits, so their lists may be shared.
+        new = Signals.__new__(Signals)
+        new.__dict__.update(track.full.__dict__)
+        new.sampled_at, new.uptime_s = now_wall, max(0.0, now_wall - agent.started_at)
+        new.processes_per_second, new.process_rates = rates[self._windows[0]], rates
+        new.cpu_percent, new.new_executables = 0.0, []
+        return new
 
     @staticmethod
     def _install(agent: Agent, new: Signals) -> Signals | None:
