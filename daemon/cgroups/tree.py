@@ -182,13 +182,15 @@ class AgentCgroup:
             text = fs.read(path)
         if text is None:
             raise CgroupError(f"failed to read {path}: the cgroup was removed", str(path))
-        for line in text.splitlines():
-            if line.startswith("usage_usec "):
-                try:
-                    return int(line[11:])
-                except ValueError:
-                    break
-        raise CgroupError(f"no usage_usec in {path}", str(path))
+        # The kernel prints usage_usec first (cgroup_base_stat_cputime_show).
+        key, _, rest = text.partition(" ")
+        if key != "usage_usec":
+            rest = next((line[11:] for line in text.splitlines()
+                         if line.startswith("usage_usec ")), "")
+        try:
+            return int(rest.partition("\n")[0])
+        except ValueError:
+            raise CgroupError(f"no usage_usec in {path}", str(path)) from None
 
     # ---------------------------------------------------------------- kill
     def kill(self) -> str:

@@ -139,6 +139,8 @@ class Sampler:
         # Windows (seconds) over which processes_per_second is measured; the
         # first is the one Signals.processes_per_second reports.
         self._windows: tuple[float, ...] = (MIN_WINDOW_S,)
+        # Shared by every sample whose rates are all 0 (never changed: samples are not).
+        self._zero_rates = dict.fromkeys(self._windows, 0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="agentd-sampler", daemon=True)
         self.last_sweep_s = 0.0  # how long the last sweep took
@@ -161,6 +163,7 @@ class Sampler:
         if any(w < MIN_WINDOW_S for w in extra):
             raise ValueError(f"a rate window is at least {MIN_WINDOW_S:g} s")
         self._windows = (*self._windows, *extra)
+        self._zero_rates = dict.fromkeys(self._windows, 0.0)
 
     def start(self) -> None:
         if self.interval_s > 0:
@@ -336,6 +339,8 @@ class Sampler:
             born = min(now, now - (now_wall - agent.started_at))
             track.starts = CountHistory(born, keep_s=max(self._windows))
         track.starts.add(now, track.started)
+        if track.starts.flat():
+            return self._zero_rates  # most agents, most of the time: skip the arithmetic
         return {w: track.starts.rate(w) for w in self._windows}
 
     def _quiet(self, agent: Agent, track: _Track, now_wall: float, now: float) -> Signals:
