@@ -239,3 +239,35 @@ def test_a_known_process_that_wakes_is_sampled_in_full_at_once(scratch: ScratchA
 
     assert wait_for(seen, 10, interval=0.05), agent.signals
     assert quiet_seen
+
+
+def test_an_idle_subtree_costs_one_read(scratch: ScratchAgents,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No agent ran since the last sweep: no agent's cpu.stat is read; one that runs is seen."""
+    from daemon.cgroups.tree import AgentCgroup
+
+    sleeper = scratch.spawn(["/bin/sleep", "30"], name="idle")
+    code = "import socket, time\ntime.sleep(1.5)\ns = socket.socket()\ntime.sleep(30)\n"
+    waker = scratch.spawn([PY, "-c", code], name="waker")
+    sampler = scratch.sampler()
+    sampler.refresh_s = 1e6
+    reads: list[str] = []
+    real = AgentCgroup.cpu_usage_usec
+
+    def counted(self: AgentCgroup) -> int:
+        reads.append(self.agent_id)
+        return real(self)
+
+    monkeypatch.setattr(AgentCgroup, "cpu_usage_usec", counted)
+    idle_sweeps = 0
+
+    def seen() -> bool:
+        nonlocal idle_sweeps
+        del reads[:]
+        sampler.sweep()
+        idle_sweeps += not reads
+        return waker.signals.sockets_open == 1
+
+    assert wait_for(seen, 10, interval=0.05), waker.signals
+    assert idle_sweeps > 0
+    assert sleeper.signals.pids == 1 and sleeper.signals.sockets_open == 0

@@ -362,6 +362,18 @@ class AgentTree:
         self._force_fallback = force_fallback
         self.has_cgroup_kill = False
 
+    def cpu_usage_usec(self) -> int:
+        """CPU time used by every agent ever, in microseconds. Raises CgroupError.
+
+        The v2 base's cpu.stat usage_usec, which is hierarchical and keeps
+        what agents whose cgroups are gone used: it never falls.
+        """
+        path = self.base_v2 / "cpu.stat"
+        try:
+            return int(fs.read_keyed(path)["usage_usec"])
+        except (KeyError, ValueError) as err:
+            raise CgroupError(f"no usage_usec in {path}", str(path)) from err
+
     def prepare(self) -> None:
         """Create the subtree and enable v2 controllers for agents. Raises CgroupError."""
         v2_wanted = [c for c in LIMIT_CONTROLLERS if self.layout.holder(c) == "v2"]
