@@ -39,11 +39,11 @@ per process, its exe link and every fd link (fdinfo only for files outside
 the allowed prefixes), plus the TCP/UDP tables once per network namespace
 whose processes hold sockets (reading /proc/net/tcp walks the kernel's whole
 established hash: about 1 ms on a host with 256K buckets, whatever the
-number of sockets). A quiet sample reads one file (about 7 us of the
-sampler thread per agent); a refresh three. Measured
-(benchmarks/sampler_cost.py, benchmarks/idle_scale.py, 2 vCPUs): see
-CHANGELOG.md and the benchmarks' tables; 1,000 idle sandboxed agents cost
-the daemon about 1 % of a core. An agent at its limits (pids.max processes
+number of sockets). A quiet sample reads one file (about 7 us of the sampler
+thread per agent); a refresh three. Measured (benchmarks/sampler_cost.py,
+benchmarks/idle_scale.py, 2 vCPUs): see CHANGELOG.md and the benchmarks'
+tables; 1,000 idle sandboxed agents cost the whole daemon about 2.5 % of a
+core, most of it this thread. An agent at its limits (pids.max processes
 each holding nofile fds) that keeps running can stretch a sweep to seconds:
 sampling then runs less often, and nothing else waits on it.
 """
