@@ -69,6 +69,7 @@ bench: $(STAMP) ## Every benchmark at full size (tables; JSON in benchmarks/resu
 	$(PY) benchmarks/tripwire_throughput.py
 	$(PY) benchmarks/launch_latency.py
 	$(PY) benchmarks/stop_under_load.py
+	$(PY) benchmarks/idle_scale.py
 
 # A check, not a measurement: one repetition each, no time asserted.
 bench-smoke: $(STAMP) ## Every benchmark once at its smallest size; fails if one crashes or leaks

@@ -9,6 +9,7 @@ printed its result there.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -17,19 +18,44 @@ from typing import Any, NoReturn
 import click
 
 from agentctl import safetext
-from agentctl.cmd_agents import COMMANDS
-from agentctl.cmd_audit import audit
-from agentctl.cmd_events import events
-from agentctl.cmd_failsafe import COMMANDS as FAILSAFE_COMMANDS
-from agentctl.cmd_keys import keygen
-from agentctl.cmd_logs import logs
-from agentctl.cmd_monitor import COMMANDS as MONITOR_COMMANDS
 from agentctl.context import DEFAULT_SOCKET, Settings, emit_json
 from agentctl.errors import AgentctlError, Interrupted
 
+# Command name -> the module that defines it (as an attribute of that name,
+# dashes as underscores). A module is imported only when one of its commands
+# runs (or --help lists them all): `agentctl kill` loads what a kill needs and
+# not the audit verifier, the terminal renderer or the key generator, which
+# was most of its start-up (issue 12). tests/unit/test_cli_lazy.py keeps
+# this table and the modules in step.
+COMMAND_MODULES: dict[str, str] = {
+    "keygen": "agentctl.cmd_keys",
+    **dict.fromkeys(("info", "ps", "status", "run", "stop", "kill", "freeze", "thaw", "send"),
+                    "agentctl.cmd_agents"),
+    **dict.fromkeys(("keepalive", "renew", "estop", "reset", "cosign"), "agentctl.cmd_failsafe"),
+    "top": "agentctl.cmd_monitor",
+    "events": "agentctl.cmd_events",
+    "logs": "agentctl.cmd_logs",
+    "audit": "agentctl.cmd_audit",
+}
+
 
 class AgentctlGroup(click.Group):
-    """A click group whose every failure is one ``agentctl: error:`` line."""
+    """A click group whose every failure is one ``agentctl: error:`` line.
+
+    Its commands are loaded on first use from COMMAND_MODULES.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *COMMAND_MODULES})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMAND_MODULES:
+            module = importlib.import_module(COMMAND_MODULES[cmd_name])
+            command = getattr(module, cmd_name.replace("-", "_"))
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{module.__name__}.{cmd_name} is not a click command")
+            self.add_command(command, cmd_name)
+        return self.commands.get(cmd_name)
 
     def main(  # type: ignore[override]  # click's overloads, one signature here
         self,
@@ -134,10 +160,6 @@ def cli(
     settings.stop_socket = stop_socket
     settings.raw = raw_output
     ctx.call_on_close(settings.close)
-
-
-for _command in (keygen, *COMMANDS, *FAILSAFE_COMMANDS, *MONITOR_COMMANDS, events, logs, audit):
-    cli.add_command(_command)
 
 
 def main() -> None:

@@ -171,3 +171,103 @@ def test_sockets_files_and_cpu(scratch: ScratchAgents, tmp_path: Path) -> None:
     assert str(out) in s.files_written
     assert s.sockets_open >= 1
     assert s.uptime_s > 0
+
+
+def test_a_quiet_agent_costs_one_read_and_is_refreshed(scratch: ScratchAgents,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """No CPU used since the last full sample: no /proc read, until a refresh finds a new pid."""
+    import subprocess
+
+    from daemon.monitor import procfs
+
+    agent = scratch.spawn(["/bin/sleep", "30"], name="quiet")
+    sampler = scratch.sampler()
+    # The shell's exec of sleep may still be running: until it is quiet.
+    assert wait_for(lambda: (sampler.sweep(), agent.signals.cpu_percent == 0.0)[1], 10,
+                    interval=0.05), agent.signals
+    full = agent.signals
+    reads: list[int] = []
+    real_exe = procfs.exe
+    monkeypatch.setattr(procfs, "exe", lambda pid: reads.append(pid) or real_exe(pid))
+    time.sleep(0.05)
+    sampler.sweep()
+    quiet = agent.signals
+    assert reads == []
+    assert quiet is not full and quiet.sampled_at > full.sampled_at
+    assert (quiet.pids, quiet.processes_started, quiet.cpu_seconds) == (
+        full.pids, full.processes_started, full.cpu_seconds)
+    assert quiet.new_executables == []
+    # A refresh with the same members reads the cgroup's counters only.
+    sampler._tracks[agent.id].refresh_at = 0.0
+    sampler.sweep()
+    assert reads == []
+    # A process moved in from outside has not run in the cgroup: only a
+    # refresh can see it, and then it is sampled in full.
+    outsider = subprocess.Popen(["/bin/sleep", "30"])
+    try:
+        time.sleep(0.1)  # let it reach its sleep before it is moved
+        (agent.cgroup.v2 / "cgroup.procs").write_text(str(outsider.pid))
+        sampler.sweep()
+        assert agent.signals.pids == 1
+        sampler._tracks[agent.id].refresh_at = 0.0
+        sampler.sweep()
+        assert agent.signals.pids == 2
+        assert agent.signals.processes_started == full.processes_started + 1
+        assert outsider.pid in reads
+    finally:
+        outsider.kill()
+        outsider.wait()
+
+
+def test_a_known_process_that_wakes_is_sampled_in_full_at_once(scratch: ScratchAgents) -> None:
+    """Sockets opened by a pid sampled quiet before are seen at the next sweep after."""
+    code = ("import socket, time\n"
+            "time.sleep(1.5)\n"
+            "s = [socket.socket() for _ in range(3)]\n"
+            "time.sleep(30)\n")
+    agent = scratch.spawn([PY, "-c", code], name="waker")
+    sampler = scratch.sampler()
+    sampler.refresh_s = 1e6  # only the agent's own CPU time may bring a full sample
+    quiet_seen = False
+
+    def seen() -> bool:
+        nonlocal quiet_seen
+        sampler.sweep()
+        s = agent.signals
+        quiet_seen |= s.cpu_percent == 0.0 and s.sockets_open == 0 and s.pids == 1
+        return s.sockets_open == 3
+
+    assert wait_for(seen, 10, interval=0.05), agent.signals
+    assert quiet_seen
+
+
+def test_an_idle_subtree_costs_one_read(scratch: ScratchAgents,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No agent ran since the last sweep: no agent's cpu.stat is read; one that runs is seen."""
+    from daemon.cgroups.tree import AgentCgroup
+
+    sleeper = scratch.spawn(["/bin/sleep", "30"], name="idle")
+    code = "import socket, time\ntime.sleep(1.5)\ns = socket.socket()\ntime.sleep(30)\n"
+    waker = scratch.spawn([PY, "-c", code], name="waker")
+    sampler = scratch.sampler()
+    sampler.refresh_s = 1e6
+    reads: list[str] = []
+    real = AgentCgroup.cpu_usage_usec
+
+    def counted(self: AgentCgroup) -> int:
+        reads.append(self.agent_id)
+        return real(self)
+
+    monkeypatch.setattr(AgentCgroup, "cpu_usage_usec", counted)
+    idle_sweeps = 0
+
+    def seen() -> bool:
+        nonlocal idle_sweeps
+        del reads[:]
+        sampler.sweep()
+        idle_sweeps += not reads
+        return waker.signals.sockets_open == 1
+
+    assert wait_for(seen, 10, interval=0.05), waker.signals
+    assert idle_sweeps > 0
+    assert sleeper.signals.pids == 1 and sleeper.signals.sockets_open == 0

@@ -54,6 +54,11 @@ class AgentCgroup:
         self.rel_v2 = "/" + str(self.v2.relative_to(tree.layout.unified))
         self._kill_fd = -1
         self._events_fd = -1
+        # cpu.stat, held once first read: the sampler reads it for every agent
+        # every period, and one pread(2) costs a fifth of open+read+close.
+        self._cpu_fd = -1
+        self._cpu_path = self.v2 / "cpu.stat"  # made once: a Path join costs more than the read
+        self._closed = False
         # Guards the held handles against close() from the reaper while the
         # kill path uses them: a closed fd number may be reused at once by
         # another open(), and a kill must never write "1" to someone else's
@@ -68,6 +73,7 @@ class AgentCgroup:
         fs.mkdir(self.v2)
         for path in self.v1.values():
             fs.mkdir(path)
+        self._closed = False
         self._events_fd = fs.open_handle(self.v2 / "cgroup.events", write=False)
         if self.tree.has_cgroup_kill:
             self._kill_fd = fs.open_handle(self.v2 / "cgroup.kill", write=True)
@@ -75,10 +81,11 @@ class AgentCgroup:
     def close(self) -> None:
         """Close the held handles (remove() does it too)."""
         with self._handles:
-            for fd in (self._kill_fd, self._events_fd):
+            for fd in (self._kill_fd, self._events_fd, self._cpu_fd):
                 if fd >= 0:
                     fs.close_handle(fd)
-            self._kill_fd = self._events_fd = -1
+            self._kill_fd = self._events_fd = self._cpu_fd = -1
+            self._closed = True
 
     def procs_files(self) -> list[str]:
         """The cgroup.procs files the launch shim writes itself into, v2 last.
@@ -162,12 +169,30 @@ class AgentCgroup:
 
         From the v2 cgroup's cpu.stat usage_usec, which the cgroup core keeps
         in every v2 cgroup, with or without the cpu controller (Linux >= 5.x).
+        The file is held open from the first call until close(); seq_file
+        regenerates it on every read at offset 0.
         """
+        path = self._cpu_path
+        text: str | None = None
+        with self._handles:
+            if self._cpu_fd < 0 and not self._closed:
+                self._cpu_fd = fs.open_handle(path, write=False)
+            held = self._cpu_fd >= 0
+            if held:
+                text = fs.read_handle(self._cpu_fd, path)
+        if not held:
+            text = fs.read(path)
+        if text is None:
+            raise CgroupError(f"failed to read {path}: the cgroup was removed", str(path))
+        # The kernel prints usage_usec first (cgroup_base_stat_cputime_show).
+        key, _, rest = text.partition(" ")
+        if key != "usage_usec":
+            rest = next((line[11:] for line in text.splitlines()
+                         if line.startswith("usage_usec ")), "")
         try:
-            return int(fs.read_keyed(self.v2 / "cpu.stat")["usage_usec"])
-        except (KeyError, ValueError) as err:
-            raise CgroupError(f"no usage_usec in {self.v2 / 'cpu.stat'}",
-                              str(self.v2 / "cpu.stat")) from err
+            return int(rest.partition("\n")[0])
+        except ValueError:
+            raise CgroupError(f"no usage_usec in {path}", str(path)) from None
 
     # ---------------------------------------------------------------- kill
     def kill(self, *, cleanup: bool = False) -> str:
@@ -345,6 +370,18 @@ class AgentTree:
         }
         self._force_fallback = force_fallback
         self.has_cgroup_kill = False
+
+    def cpu_usage_usec(self) -> int:
+        """CPU time used by every agent ever, in microseconds. Raises CgroupError.
+
+        The v2 base's cpu.stat usage_usec, which is hierarchical and keeps
+        what agents whose cgroups are gone used: it never falls.
+        """
+        path = self.base_v2 / "cpu.stat"
+        try:
+            return int(fs.read_keyed(path)["usage_usec"])
+        except (KeyError, ValueError) as err:
+            raise CgroupError(f"no usage_usec in {path}", str(path)) from err
 
     def prepare(self) -> None:
         """Create the subtree and enable v2 controllers for agents. Raises CgroupError."""

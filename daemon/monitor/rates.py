@@ -38,6 +38,10 @@ class CountHistory:
         while len(self._points) > 2 and self._points[1][0] <= horizon:
             self._points.popleft()
 
+    def flat(self) -> bool:
+        """Whether the count is the same at every point kept: then every rate is 0."""
+        return self._points[0][1] == self._points[-1][1]
+
     def rate(self, window_s: float) -> float:
         """Per second over the last window_s seconds up to the newest point (see module doc)."""
         now, total = self._points[-1]

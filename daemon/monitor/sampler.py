@@ -16,15 +16,36 @@ daemon would wake for every fork on the host), its socket drops events under
 a fork storm (ENOBUFS), and a short-lived process must be mapped to its
 cgroup after it may already have gone; it is left for later.
 
-Cost: a sweep reads a few cgroup files per agent and, per process, its exe
-link and every fd link (fdinfo only for files outside the allowed prefixes),
-plus the TCP/UDP tables once per network namespace (reading /proc/net/tcp
-walks the kernel's whole established hash: about 1 ms on a host with 256K
-buckets, whatever the number of sockets). Measured (benchmarks/sampler_cost.py,
-2 vCPUs): 100 agents of 3 processes each about 20 ms, of 10 processes each
-about 45 ms. An agent at its limits (pids.max processes each holding nofile
-fds) can stretch a sweep to seconds: sampling then runs less often, and
-nothing else waits on it.
+Quiet agents: a sample starts with the agent cgroup's cpu.stat usage_usec
+(one pread(2) of a held handle; none at all when the agents' whole subtree,
+whose cpu.stat is hierarchical, used no CPU since the last sweep began). If
+it has not moved since the last full sample, no process of the agent has run
+since (the kernel charges every fork, exec, open, socket call and exit to
+the cgroup's CPU time), so its processes, executables, fds, sockets and
+files cannot have changed: the sample carries the last full one's detail
+forward with fresh times, rates and cpu_percent 0, and reads nothing else.
+What may change without the agent running is refreshed every refresh_s (10 s
+by default, spread over agents): memory_bytes (the kernel reclaims pages, or
+charges received network buffers), oom_kills, and the members (a process an
+administrator moved in), from the cgroup's own files; an agent holding
+sockets (whose peers may close or reset connections) or whose members
+changed is then sampled in full. An agent that runs anything is sampled in
+full in that same sweep, so every signal tripwire acts as fast as before. A
+burst of less than a microsecond of CPU would go unseen until the next one
+or the refresh; no fork, exec or socket call is that short.
+
+Cost: a full sample reads cgroup.procs, cpu.stat and the memory files and,
+per process, its exe link and every fd link (fdinfo only for files outside
+the allowed prefixes), plus the TCP/UDP tables once per network namespace
+whose processes hold sockets (reading /proc/net/tcp walks the kernel's whole
+established hash: about 1 ms on a host with 256K buckets, whatever the
+number of sockets). A quiet sample reads one file (about 7 us of the sampler
+thread per agent); a refresh three. Measured (benchmarks/sampler_cost.py,
+benchmarks/idle_scale.py, 2 vCPUs): see CHANGELOG.md and the benchmarks'
+tables; 1,000 idle sandboxed agents cost the whole daemon about 2.5 % of a
+core, most of it this thread. An agent at its limits (pids.max processes
+each holding nofile fds) that keeps running can stretch a sweep to seconds:
+sampling then runs less often, and nothing else waits on it.
 """
 
 from __future__ import annotations
@@ -32,6 +53,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -51,6 +73,9 @@ RECENT_COMMANDS = 10
 FILES_WRITTEN_MAX = 20
 REMOTE_ADDRESSES_MAX = 20
 DEFAULT_ALLOWED_PREFIXES = ("/tmp", "/var/tmp", "/dev")
+# How often a quiet agent (no CPU used since its last full sample) is still
+# sampled in full, for what changes without it running (module docstring).
+QUIET_REFRESH_S = 10.0
 
 Listener = Callable[["Agent", Signals], None]
 
@@ -88,6 +113,11 @@ class _Track:
     at: float | None = None  # monotonic time of the last sample
     # processes_started at each sample, for rates over whole windows.
     starts: CountHistory | None = None
+    # The last full sample, carried forward while the agent is quiet, and
+    # when (monotonic) a quiet agent is next sampled in full all the same.
+    full: Signals | None = None
+    refresh_at: float = 0.0
+    swept: int = -1  # the sweep that last read cpu_usec
 
 
 class Sampler:
@@ -97,13 +127,17 @@ class Sampler:
     (files_written); a comma-separated string or an iterable of absolute paths.
     kill_gate: the reactor's lock held by a burst of kills; while it is held
     the sweep stops early, so sampling never competes with a mass kill.
+    refresh_s: how often a quiet agent is sampled in full all the same
+    (module docstring); 0 samples every agent in full every time.
     """
 
     def __init__(self, sup: AgentSource, interval_s: float = 1.0,
                  allowed_prefixes: str | Iterable[str] = DEFAULT_ALLOWED_PREFIXES, *,
-                 kill_gate: _Gate | None = None) -> None:
+                 kill_gate: _Gate | None = None,
+                 refresh_s: float = QUIET_REFRESH_S) -> None:
         self._sup = sup
         self.interval_s = interval_s
+        self.refresh_s = refresh_s
         if isinstance(allowed_prefixes, str):
             allowed_prefixes = parse_prefixes(allowed_prefixes)
         self.allowed = procfs.Prefixes(allowed_prefixes)
@@ -113,6 +147,11 @@ class Sampler:
         # Windows (seconds) over which processes_per_second is measured; the
         # first is the one Signals.processes_per_second reports.
         self._windows: tuple[float, ...] = (MIN_WINDOW_S,)
+        # Shared by every sample whose rates are all 0 (never changed: samples are not).
+        self._zero_rates = dict.fromkeys(self._windows, 0.0)
+        self._sweeps = 0  # sweeps begun
+        # The agents' subtree's CPU time when the last sweep began.
+        self._subtree_usec: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="agentd-sampler", daemon=True)
         self.last_sweep_s = 0.0  # how long the last sweep took
@@ -135,6 +174,7 @@ class Sampler:
         if any(w < MIN_WINDOW_S for w in extra):
             raise ValueError(f"a rate window is at least {MIN_WINDOW_S:g} s")
         self._windows = (*self._windows, *extra)
+        self._zero_rates = dict.fromkeys(self._windows, 0.0)
 
     def start(self) -> None:
         if self.interval_s > 0:
@@ -170,11 +210,13 @@ class Sampler:
         for gone in self._tracks.keys() - live:
             del self._tracks[gone]
         nets: dict[str, dict[int, procfs.NetEntry]] = {}
+        idle = self._subtree_idle(running)
+        self._sweeps += 1
         for agent in running:
             if self._kill_gate is not None and self._kill_gate.locked():
                 break
             try:
-                new = self.sample(agent, nets)
+                new = self.sample(agent, nets, idle=idle)
             except CgroupError:
                 # The agent ended and its cgroup was removed mid-sample.
                 continue
@@ -187,11 +229,29 @@ class Sampler:
                     log.exception("signals listener %r failed on agent %s", fn, agent.id)
         self.last_sweep_s = time.monotonic() - t0
 
-    def sample(self, agent: Agent,
-               nets: dict[str, dict[int, procfs.NetEntry]] | None = None) -> Signals | None:
+    def _subtree_idle(self, running: list[Agent]) -> bool:
+        """Whether no agent has run since the last sweep began (the agents' subtree's CPU time).
+
+        Then every agent's usage_usec is what that sweep read, and quiet
+        agents need not be read one by one: 1,000 idle agents cost one read.
+        """
+        trees = {id(a.cgroup.tree): a.cgroup.tree for a in running}
+        if len(trees) != 1:
+            return False
+        try:
+            usec = next(iter(trees.values())).cpu_usage_usec()
+        except CgroupError:
+            return False
+        idle = usec == self._subtree_usec
+        self._subtree_usec = usec
+        return idle
+
+    def sample(self, agent: Agent, nets: dict[str, dict[int, procfs.NetEntry]] | None = None,
+               *, idle: bool = False) -> Signals | None:
         """Build agent's new Signals and install it; None if the agent ended meanwhile.
 
         nets caches /proc/PID/net tables by network namespace within one sweep.
+        idle: no agent has run since the last sweep began (_subtree_idle).
         Called on the sampler thread only (it updates what is remembered of
         the agent). Raises CgroupError if the agent's cgroup cannot be read.
         """
@@ -200,8 +260,27 @@ class Sampler:
         track = self._tracks.setdefault(agent.id, _Track())
         group = agent.cgroup
         now_wall, now = time.time(), time.monotonic()
-        pids = group.pids()
-        cpu_usec = group.cpu_usage_usec()
+        # Unchanged since the last sweep read it, if the whole subtree was idle.
+        if idle and track.swept == self._sweeps - 1 and track.cpu_usec is not None:
+            cpu_usec = track.cpu_usec
+        else:
+            cpu_usec = group.cpu_usage_usec()
+        track.swept = self._sweeps
+        pids: list[int] | None = None
+        if track.full is not None and cpu_usec == track.cpu_usec:
+            if now < track.refresh_at:
+                return self._install(agent, self._quiet(agent, track, now_wall, now))
+            # Due for a refresh. Without sockets, and with the same members,
+            # only the cgroup's own counters can have moved.
+            pids = group.pids()
+            if not track.full.sockets_open and track.members.keys() == set(pids):
+                new = self._quiet(agent, track, now_wall, now)
+                new.memory_bytes, new.oom_kills = group.memory_bytes(), group.oom_kills()
+                track.full = new
+                self._schedule_refresh(agent, track, now)
+                return self._install(agent, new)
+        if pids is None:
+            pids = group.pids()
         window = now - track.at if track.at is not None else None
 
         new_execs: dict[str, None] = {}  # ordered, without repeats
@@ -258,12 +337,7 @@ class Sampler:
         track.members = members
         track.started += started
         track.cpu_usec, track.at = cpu_usec, now
-        if track.starts is None:
-            # The launch, on the monotonic clock: when the count was 0.
-            born = min(now, now - (now_wall - agent.started_at))
-            track.starts = CountHistory(born, keep_s=max(self._windows))
-        track.starts.add(now, track.started)
-        rates = {w: track.starts.rate(w) for w in self._windows}
+        rates = self._rates(agent, track, now_wall, now)
 
         new = Signals(
             sampled_at=now_wall,
@@ -283,6 +357,46 @@ class Sampler:
             oom_kills=group.oom_kills(),
             new_executables=list(new_execs),
         )
+        track.full = new
+        self._schedule_refresh(agent, track, now)
+        return self._install(agent, new)
+
+    def _schedule_refresh(self, agent: Agent, track: _Track, now: float) -> None:
+        # Spread over agents, so that agents sampled first together (a
+        # daemon's start) are not all refreshed in the same sweep.
+        spread = (zlib.crc32(agent.id.encode()) & 0xFF) / 0x200  # [0, 0.5)
+        track.refresh_at = now + self.refresh_s * (1 - spread)
+
+    def _rates(self, agent: Agent, track: _Track, now_wall: float, now: float
+               ) -> dict[float, float]:
+        """Record processes_started now; its rate over each window (daemon.monitor.rates)."""
+        if track.starts is None:
+            # The launch, on the monotonic clock: when the count was 0.
+            born = min(now, now - (now_wall - agent.started_at))
+            track.starts = CountHistory(born, keep_s=max(self._windows))
+        track.starts.add(now, track.started)
+        if track.starts.flat():
+            return self._zero_rates  # most agents, most of the time: skip the arithmetic
+        return {w: track.starts.rate(w) for w in self._windows}
+
+    def _quiet(self, agent: Agent, track: _Track, now_wall: float, now: float) -> Signals:
+        """The last full sample's detail with fresh times and rates: nothing ran since."""
+        assert track.full is not None
+        track.at = now  # cpu_usec is unchanged: the next window starts here
+        rates = self._rates(agent, track, now_wall, now)
+        # A shallow copy, not dataclasses.replace or copy.copy (each a third
+        # of a quiet sample's cost): samples are never changed once
+        # installed, but for tripwire_hits, so their lists may be shared.
+        new = Signals.__new__(Signals)
+        new.__dict__.update(track.full.__dict__)
+        new.sampled_at, new.uptime_s = now_wall, max(0.0, now_wall - agent.started_at)
+        new.processes_per_second, new.process_rates = rates[self._windows[0]], rates
+        new.cpu_percent, new.new_executables = 0.0, []
+        return new
+
+    @staticmethod
+    def _install(agent: Agent, new: Signals) -> Signals | None:
+        """Make new the agent's signals, unless it ended meanwhile (then None)."""
         with agent.lock:
             # An agent that ended meanwhile keeps its last full sample, not
             # one taken from a half-removed cgroup.

@@ -53,3 +53,15 @@ def test_history_is_bounded_by_the_longest_window() -> None:
         h.add(i * 0.01, i)
     assert len(h._points) <= 2 / 0.01 + 2
     assert h.rate(2.0) == pytest.approx(100.0)
+
+
+def test_a_flat_history_has_every_rate_zero() -> None:
+    h = CountHistory(born=0.0, keep_s=5.0)
+    h.add(1.0, 0)
+    assert h.flat() and h.rate(1.0) == 0.0
+    h.add(2.0, 3)
+    assert not h.flat()
+    for t in range(3, 9):
+        h.add(float(t), 3)
+    # The start-up fell out of the longest window: flat again, and so every rate.
+    assert h.flat() and h.rate(1.0) == h.rate(5.0) == 0.0
