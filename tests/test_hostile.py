@@ -242,14 +242,20 @@ def test_no_zombie_is_left_of_an_agent(daemon: Daemon, hostile: Path, action: st
     assert _zombies_left(daemon, members) == []
 
 
+def _stop_future(daemon: Daemon, name: str, *, grace_ms: int,
+                 timeout: float) -> tuple[agentd_pb2.Command, grpc.Future]:
+    """A signed stop of name with grace_ms, sent without waiting: (command, its call)."""
+    cmd = daemon.command()
+    cmd.stop.name = name
+    cmd.stop.grace_ms = grace_ms
+    return cmd, daemon.stub.Stop.future(daemon.sign(cmd, daemon.keys.oncall), timeout=timeout)
+
+
 def test_a_stop_whose_client_goes_away_still_ends_the_agent(daemon: Daemon,
                                                            hostile: Path) -> None:
     """The client gives up during the grace period: the daemon kills at its end all the same."""
     agent, members = _launch(daemon, hostile, "ignore_term.py")
-    cmd = daemon.command()
-    cmd.stop.name = agent.name
-    cmd.stop.grace_ms = 3000
-    call = daemon.stub.Stop.future(daemon.sign(cmd, daemon.keys.oncall), timeout=0.5)
+    cmd, call = _stop_future(daemon, agent.name, grace_ms=3000, timeout=0.5)
     with pytest.raises(grpc.RpcError) as err:
         call.result()
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -264,10 +270,7 @@ def test_a_stop_cut_short_by_a_kill_does_not_credit_its_sigterm(daemon: Daemon,
                                                                 hostile: Path) -> None:
     """A SIGTERM-ignoring agent in its grace period, then killed: the stop reports the kill."""
     agent, _ = _launch(daemon, hostile, "ignore_term.py")
-    cmd = daemon.command()
-    cmd.stop.name = agent.name
-    cmd.stop.grace_ms = 120_000
-    stopping = daemon.stub.Stop.future(daemon.sign(cmd, daemon.keys.oncall), timeout=120)
+    _, stopping = _stop_future(daemon, agent.name, grace_ms=120_000, timeout=120)
     assert wait_for(lambda: daemon.get(agent.name).state == agentd_pb2.AGENT_STATE_STOPPING, 30)
     killed = daemon.kill(agent.name)
     assert killed.verified_empty

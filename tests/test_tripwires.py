@@ -384,7 +384,9 @@ def test_logs_follow_until_the_agent_ends_across_rotations(td: Daemon, agent: Ru
 
 
 def test_logs_tail_spans_the_rotated_file(td: Daemon, agent: Runner) -> None:
-    a = agent("rotated", "chatter.py", "1000", ready=False)
+    # Paced, so that the output reaches the daemon in many reads, whatever the
+    # load: the sink rotates between reads, never within one.
+    a = agent("rotated", "chatter.py", "1000", "0.001", ready=False)
     _wait_drained(td, "rotated", a, b"err 999\n")
     older, current = Path(a.stdout_log + ".1").read_bytes(), Path(a.stdout_log).read_bytes()
     assert older  # rotated (where is up to the reads: the sink rotates before a write)

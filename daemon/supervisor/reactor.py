@@ -60,7 +60,9 @@ class LogSink:
                 self.tap.feed(data)
             except Exception:
                 log.exception("output tap failed on %s", self.path)
-        if self._size + len(data) > self.cap:
+        # An empty file is never rotated: a first read larger than the cap
+        # would otherwise leave an empty FILE.1 and push the output's start out.
+        if self._size and self._size + len(data) > self.cap:
             try:
                 self._rotate()
             except OSError:

@@ -132,3 +132,14 @@ def test_a_tail_is_at_most_max_tail(tmp_path: Path) -> None:
     got = _collect(a, tail_bytes=1 << 40, follow=False, active=lambda: True)
     assert len(got["stdout"]) == MAX_TAIL
     assert got["stdout"].endswith(b"END")
+
+
+def test_a_first_write_larger_than_the_cap_is_not_rotated_into_an_empty_file(
+        tmp_path: Path) -> None:
+    sink = LogSink(tmp_path / "a.stdout.log", 16)
+    sink.write(b"x" * 40)  # one read larger than the cap
+    assert not (tmp_path / "a.stdout.log.1").exists()
+    sink.write(b"y")  # the next one rotates: FILE.1 holds the first read
+    assert (tmp_path / "a.stdout.log.1").read_bytes() == b"x" * 40
+    assert (tmp_path / "a.stdout.log").read_bytes() == b"y"
+    sink.close()
