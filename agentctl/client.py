@@ -57,7 +57,9 @@ class Client:
             f"unix:{socket_path.absolute()}",
             # A Unix socket needs no proxy; an https_proxy in the operator's
             # environment must not reroute the kill switch.
-            options=[("grpc.enable_http_proxy", 0)],
+            options=[("grpc.enable_http_proxy", 0),
+                     # A listing of a thousand agents is a few MB (gRPC's default: 4).
+                     ("grpc.max_receive_message_length", 64 * 1024 * 1024)],
         )
         self.stub = agentd_pb2_grpc.AgentdStub(self._channel)
         self._probed = False

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 # clear, audited refusal; larger ones are cut off by gRPC itself. Not much
 # above: each call waiting for verification holds its message in memory.
 GRPC_MAX_MESSAGE = 256 * 1024
+# What the daemon sends is its own: a listing of a thousand agents is a few MB.
+GRPC_MAX_SEND = 64 * 1024 * 1024
 RECEIVE_DEADLINE_S = 5.0
 MAX_STREAMS_PER_CONNECTION = 100
 IDLE_MS = 10_000
@@ -95,7 +97,7 @@ def max_connections(wanted: int) -> int:
 def options(connections: int, streams: int = MAX_STREAMS_PER_CONNECTION) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE),
-        ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
+        ("grpc.max_send_message_length", GRPC_MAX_SEND),
         ("grpc.max_concurrent_streams", streams),
         ("grpc.max_allowed_incoming_connections", max_connections(connections)),
         ("grpc.max_connection_idle_ms", IDLE_MS),
