@@ -106,6 +106,18 @@ def attempt(name, fn, refused=REFUSALS):
         report(name, "SUCCEEDED", detail if detail is not None else "ok")
 
 
+def reading(path, dir_fd=None):
+    """An attempt that opens path (relative to dir_fd) and reads up to 64 bytes."""
+    def go():
+        fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
+        try:
+            data = os.read(fd, 64)
+        finally:
+            os.close(fd)
+        return f"read-{len(data)}-bytes"
+    return go
+
+
 def syscall(name, *args):
     """The raw system call `name` (a key of NR); raises OSError on -1. Ints go as longs."""
     nr = NR.get(name)

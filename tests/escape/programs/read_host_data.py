@@ -9,28 +9,17 @@ agent sees, and whether /sys is there.
 """
 import os
 
-from escapelib import attempt, done, fact, targets
+from escapelib import attempt, done, fact, reading, targets
 
 t = targets()
 
 
-def read(path):
-    def go():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            data = os.read(fd, 64)
-        finally:
-            os.close(fd)
-        return f"read-{len(data)}-bytes"
-    return go
-
-
 for label, path in t["planted"].items():
-    attempt(f"planted:{label}", read(path))
+    attempt(f"planted:{label}", reading(path))
 for path in t["etc_secrets"]:
-    attempt(f"etc:{path}", read(path))
+    attempt(f"etc:{path}", reading(path))
 try:
-    fact("own-code", read(t["own_code"])())
+    fact("own-code", reading(t["own_code"])())
 except OSError as e:
     fact("own-code", f"unreadable-{e.errno}")
 fact("top-level", ",".join(sorted(os.listdir("/"))))

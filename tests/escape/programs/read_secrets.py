@@ -8,21 +8,10 @@ and environment are out of reach too.
 """
 import os
 
-from escapelib import attempt, done, targets
+from escapelib import attempt, done, reading, targets
 
 t = targets()
 daemon = t["daemon_pid"]
-
-
-def read(path, dir_fd=None):
-    def go():
-        fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
-        try:
-            data = os.read(fd, 64)
-        finally:
-            os.close(fd)
-        return f"read-{len(data)}-bytes"
-    return go
 
 
 def after_chdir(path):
@@ -30,7 +19,7 @@ def after_chdir(path):
         here = os.open(".", os.O_RDONLY)
         try:
             os.chdir(os.path.dirname(path))
-            return read(os.path.basename(path))()
+            return reading(os.path.basename(path))()
         finally:
             os.fchdir(here)
             os.close(here)
@@ -41,7 +30,7 @@ def via_dirfd(path):
     def go():
         d = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
         try:
-            return read(os.path.basename(path), dir_fd=d)()
+            return reading(os.path.basename(path), dir_fd=d)()
         finally:
             os.close(d)
     return go
@@ -52,7 +41,7 @@ def daemon_fds():
     opened = 0
     for name in names:
         try:
-            read(f"/proc/{daemon}/fd/{name}")()
+            reading(f"/proc/{daemon}/fd/{name}")()
             opened += 1
         except OSError:
             pass
@@ -60,15 +49,15 @@ def daemon_fds():
 
 
 for label, path in t["secrets"].items():
-    attempt(f"{label}:by-path", read(path))
-    attempt(f"{label}:via-proc1-root", read("/proc/1/root" + path))
-    attempt(f"{label}:via-daemon-root", read(f"/proc/{daemon}/root" + path))
+    attempt(f"{label}:by-path", reading(path))
+    attempt(f"{label}:via-proc1-root", reading("/proc/1/root" + path))
+    attempt(f"{label}:via-daemon-root", reading(f"/proc/{daemon}/root" + path))
     attempt(f"{label}:after-chdir", after_chdir(path))
     attempt(f"{label}:openat-dirfd", via_dirfd(path))
 attempt("state-dir:listdir", lambda: f"{len(os.listdir(t['state_dir']))}-entries")
 attempt("daemon:cwd", lambda: f"{len(os.listdir(f'/proc/{daemon}/cwd'))}-entries")
 attempt("daemon:fds", daemon_fds)
-attempt("daemon:environ", read(f"/proc/{daemon}/environ"))
-attempt("daemon:mem", read(f"/proc/{daemon}/mem"))
-attempt("daemon:maps", read(f"/proc/{daemon}/maps"))
+attempt("daemon:environ", reading(f"/proc/{daemon}/environ"))
+attempt("daemon:mem", reading(f"/proc/{daemon}/mem"))
+attempt("daemon:maps", reading(f"/proc/{daemon}/maps"))
 done()
