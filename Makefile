@@ -10,7 +10,7 @@ PY     := $(VENV)/bin/python
 # builds agents' sandboxes and libseccomp2 compiles their seccomp filter
 # (pyseccomp loads it); systemd-container serves the systemd tests.
 APT_PACKAGES := libsystemd-dev pkg-config python3-venv python3-dev gcc systemd-container \
-                bubblewrap libseccomp2 openssh-client
+                bubblewrap libseccomp2 openssh-client nftables iproute2
 STAMP  := $(VENV)/.installed
 
 .PHONY: help deps venv proto demo test test-fast lint typecheck check bench bench-smoke clean \

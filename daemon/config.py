@@ -110,6 +110,14 @@ class Config:
     # to catch it.
     sandbox_test_omit: str = ""
 
+    # Egress allowlists (docs/egress.md). Upstream DNS servers, "IP:PORT"
+    # ("[IPv6]:PORT"); empty: the host's /etc/resolv.conf nameservers.
+    egress_resolvers: tuple[str, ...] = ()
+    # CIDRs an allowlisted name may resolve into although they are private,
+    # loopback, link-local or metadata ranges (sites whose allowed services
+    # are internal; tests on loopback).
+    egress_private_ranges_ok: tuple[str, ...] = ()
+
     # Prometheus metrics: "" (off), "HOST:PORT" or "unix:/ABSOLUTE/PATH".
     metrics_listen: str = ""
     # Allow a HOST that is not a loopback address (the metrics are unauthenticated).
@@ -246,6 +254,14 @@ def check(cfg: Config, source: str) -> None:
            if p.strip()):
         raise ConfigError(f"{source}: allowed_write_prefixes must list absolute paths")
     metrics_address(cfg.metrics_listen, allow_remote=cfg.metrics_allow_remote, source=source)
+    for resolver in cfg.egress_resolvers:
+        resolver_address(resolver, source=source)
+    for cidr in cfg.egress_private_ranges_ok:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(f"{source}: egress_private_ranges_ok: {cidr!r} is not a CIDR "
+                              "(10.0.0.0/8, fd00::/8)") from None
     if cfg.sandbox_test_omit and not cfg.dev:
         raise ConfigError(f"{source}: sandbox_test_omit is for tests of a dev daemon only")
     if cfg.sandbox_test_omit not in ("", "seccomp", "network", "pid", "view", "masks"):
@@ -292,4 +308,19 @@ def metrics_address(
                 f"{source}: metrics_listen {value!r} is not a loopback address; the metrics "
                 "endpoint has no authentication. Use 127.0.0.1 or ::1, or set "
                 "metrics_allow_remote = true if the network is trusted")
+    return host, int(port_text)
+
+
+def resolver_address(value: str, *, source: str) -> tuple[str, int]:
+    """An upstream DNS server from "IP:PORT" or "[IPv6]:PORT". Raises ConfigError."""
+    host, sep, port_text = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        ipaddress.ip_address(host)
+        ok = bool(sep) and port_text.isdigit() and 0 < int(port_text) <= 65535
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{source}: egress_resolvers: {value!r} is not IP:PORT "
+                          "(9.9.9.9:53, [2620:fe::fe]:53)")
     return host, int(port_text)

@@ -24,6 +24,7 @@ import sys
 # drop (afterwards the interpreter's files may no longer be readable).
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_GET_NO_NEW_PRIVS = 39
+_CLONE_NEWNET = 0x40000000  # sched.h
 
 
 def _fail(status_fd: int, what: str, err: BaseException) -> None:
@@ -48,6 +49,17 @@ def main() -> None:
                 os.write(fd, str(os.getpid()).encode())
             finally:
                 os.close(fd)
+
+        # An allowlist agent's network namespace, made by the daemon: entered
+        # while still root (setns(2) needs CAP_SYS_ADMIN), before bwrap,
+        # which is then given no --unshare-net (daemon/egress/netns.py).
+        netns = spec.get("netns_fd")
+        if netns is not None:
+            step = "enter the agent's network namespace"
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.setns(netns, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns(CLONE_NEWNET) failed")
+            os.close(netns)
 
         # Order matters: groups and gid while still root, uid last
         # (setuid(2) drops the right to change the others).

@@ -319,6 +319,8 @@ def argv(
     if profile.network == "none" and omit != "network":
         # A new network namespace: bwrap brings its loopback up, nothing else.
         a.append("--unshare-net")
+    # network = "allowlist": the shim has already entered the namespace the
+    # daemon made (daemon/egress/netns.py); bwrap keeps it.
     # Not --disable-userns: it writes /proc/sys/user/max_user_namespaces,
     # which systemd's ProtectKernelTunables= (agentd.service) makes read-only.
     # The seccomp filter refuses new user namespaces instead.

@@ -37,6 +37,7 @@ def spawn(
     cwd: str = "/",
     keep_fds: tuple[int, ...] = (),
     no_new_privs: bool = False,
+    netns_fd: int | None = None,
 ) -> Spawned:
     """Spawn argv as user inside cgroup. Raises LaunchFailed with the shim's reason.
 
@@ -45,7 +46,8 @@ def spawn(
     joins the cgroups, drops privileges and execs; it reports failure
     through a close-on-exec pipe, so EOF with no message means the agent's
     program is running. keep_fds reach the exec'd program (bwrap's seccomp
-    filter and status pipe); no_new_privs sets PR_SET_NO_NEW_PRIVS first.
+    filter and status pipe); no_new_privs sets PR_SET_NO_NEW_PRIVS first;
+    netns_fd is a network namespace the shim enters (and closes) before all that.
     """
     spec = {
         "cgroups": cgroup.procs_files(),
@@ -58,6 +60,7 @@ def spawn(
         "nofile": nofile,
         "keep_fds": list(keep_fds),
         "no_new_privs": no_new_privs,
+        "netns_fd": netns_fd,
     }
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -69,7 +72,7 @@ def spawn(
             stdout=out_w,
             stderr=err_w,
             close_fds=True,
-            pass_fds=(status_w, *keep_fds),
+            pass_fds=(status_w, *keep_fds, *(() if netns_fd is None else (netns_fd,))),
             # Its own session: signals aimed at the daemon's terminal or
             # process group never reach the agent by accident.
             start_new_session=True,

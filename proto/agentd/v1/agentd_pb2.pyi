@@ -134,6 +134,7 @@ class Command(_message.Message):
     RESET_FIELD_NUMBER: _builtins.int
     FREEZE_FIELD_NUMBER: _builtins.int
     THAW_FIELD_NUMBER: _builtins.int
+    CUT_FIELD_NUMBER: _builtins.int
     command_id: _builtins.bytes
     """16 random bytes, never reused"""
     audience: _builtins.str
@@ -160,6 +161,8 @@ class Command(_message.Message):
     def freeze(self) -> Global___FreezeAction: ...
     @_builtins.property
     def thaw(self) -> Global___ThawAction: ...
+    @_builtins.property
+    def cut(self) -> Global___CutAction: ...
     def __init__(
         self,
         *,
@@ -176,12 +179,13 @@ class Command(_message.Message):
         reset: Global___ResetAction | None = ...,
         freeze: Global___FreezeAction | None = ...,
         thaw: Global___ThawAction | None = ...,
+        cut: Global___CutAction | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "estop", b"estop", "expires_at", b"expires_at", "freeze", b"freeze", "issued_at", b"issued_at", "kill", b"kill", "renew", b"renew", "reset", b"reset", "run", b"run", "stop", b"stop", "thaw", b"thaw"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cut", b"cut", "estop", b"estop", "expires_at", b"expires_at", "freeze", b"freeze", "issued_at", b"issued_at", "kill", b"kill", "renew", b"renew", "reset", b"reset", "run", b"run", "stop", b"stop", "thaw", b"thaw"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "audience", b"audience", "command_id", b"command_id", "estop", b"estop", "expires_at", b"expires_at", "freeze", b"freeze", "issued_at", b"issued_at", "kill", b"kill", "reason", b"reason", "renew", b"renew", "reset", b"reset", "run", b"run", "stop", b"stop", "thaw", b"thaw"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "audience", b"audience", "command_id", b"command_id", "cut", b"cut", "estop", b"estop", "expires_at", b"expires_at", "freeze", b"freeze", "issued_at", b"issued_at", "kill", b"kill", "reason", b"reason", "renew", b"renew", "reset", b"reset", "run", b"run", "stop", b"stop", "thaw", b"thaw"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["run", "stop", "kill", "renew", "estop", "reset", "freeze", "thaw"]  # noqa: Y015
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["run", "stop", "kill", "renew", "estop", "reset", "freeze", "thaw", "cut"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
 
@@ -262,14 +266,18 @@ class PolicyOverrides(_message.Message):
     NOFILE_FIELD_NUMBER: _builtins.int
     ENTRYPOINT_SHA256_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
+    ALLOW_FIELD_NUMBER: _builtins.int
+    EGRESS_BYTE_CAP_FIELD_NUMBER: _builtins.int
     network: _builtins.str
-    """"none" or "host" """
+    """"none", "allowlist" or "host" """
     scratch_bytes: _builtins.int
     """size cap of the private scratch directory"""
     nofile: _builtins.int
     """open files"""
     entrypoint_sha256: _builtins.str
     """pin: refuse the launch unless argv[0] hashes to this"""
+    egress_byte_cap: _builtins.int
+    """bytes in and out over the run; 0: none"""
     @_builtins.property
     def bind_ro(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """host paths, mounted read-only at the same path"""
@@ -282,6 +290,12 @@ class PolicyOverrides(_message.Message):
     def env(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """extra NAME=VALUE, within the profile's allowlist"""
 
+    @_builtins.property
+    def allow(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Egress entries added to the profile's allowlist ("HOST:PORT", "*.SUFFIX:PORT",
+        "CIDR:PORT"); implies network "allowlist" when the profile has none.
+        """
+
     def __init__(
         self,
         *,
@@ -292,11 +306,15 @@ class PolicyOverrides(_message.Message):
         nofile: _builtins.int | None = ...,
         entrypoint_sha256: _builtins.str | None = ...,
         env: _abc.Iterable[_builtins.str] | None = ...,
+        allow: _abc.Iterable[_builtins.str] | None = ...,
+        egress_byte_cap: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_entrypoint_sha256", b"_entrypoint_sha256", "_network", b"_network", "_nofile", b"_nofile", "_scratch_bytes", b"_scratch_bytes", "entrypoint_sha256", b"entrypoint_sha256", "network", b"network", "nofile", b"nofile", "scratch_bytes", b"scratch_bytes"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_egress_byte_cap", b"_egress_byte_cap", "_entrypoint_sha256", b"_entrypoint_sha256", "_network", b"_network", "_nofile", b"_nofile", "_scratch_bytes", b"_scratch_bytes", "egress_byte_cap", b"egress_byte_cap", "entrypoint_sha256", b"entrypoint_sha256", "network", b"network", "nofile", b"nofile", "scratch_bytes", b"scratch_bytes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_entrypoint_sha256", b"_entrypoint_sha256", "_network", b"_network", "_nofile", b"_nofile", "_scratch_bytes", b"_scratch_bytes", "bind_ro", b"bind_ro", "bind_rw", b"bind_rw", "entrypoint_sha256", b"entrypoint_sha256", "env", b"env", "network", b"network", "nofile", b"nofile", "scratch_bytes", b"scratch_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_egress_byte_cap", b"_egress_byte_cap", "_entrypoint_sha256", b"_entrypoint_sha256", "_network", b"_network", "_nofile", b"_nofile", "_scratch_bytes", b"_scratch_bytes", "allow", b"allow", "bind_ro", b"bind_ro", "bind_rw", b"bind_rw", "egress_byte_cap", b"egress_byte_cap", "entrypoint_sha256", b"entrypoint_sha256", "env", b"env", "network", b"network", "nofile", b"nofile", "scratch_bytes", b"scratch_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__egress_byte_cap: _TypeAlias = _typing.Literal["egress_byte_cap"]  # noqa: Y015
+    _WhichOneofArgType__egress_byte_cap: _TypeAlias = _typing.Literal["_egress_byte_cap", b"_egress_byte_cap"]  # noqa: Y015
     _WhichOneofReturnType__entrypoint_sha256: _TypeAlias = _typing.Literal["entrypoint_sha256"]  # noqa: Y015
     _WhichOneofArgType__entrypoint_sha256: _TypeAlias = _typing.Literal["_entrypoint_sha256", b"_entrypoint_sha256"]  # noqa: Y015
     _WhichOneofReturnType__network: _TypeAlias = _typing.Literal["network"]  # noqa: Y015
@@ -305,6 +323,8 @@ class PolicyOverrides(_message.Message):
     _WhichOneofArgType__nofile: _TypeAlias = _typing.Literal["_nofile", b"_nofile"]  # noqa: Y015
     _WhichOneofReturnType__scratch_bytes: _TypeAlias = _typing.Literal["scratch_bytes"]  # noqa: Y015
     _WhichOneofArgType__scratch_bytes: _TypeAlias = _typing.Literal["_scratch_bytes", b"_scratch_bytes"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__egress_byte_cap) -> _WhichOneofReturnType__egress_byte_cap | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__entrypoint_sha256) -> _WhichOneofReturnType__entrypoint_sha256 | None: ...
     @_typing.overload
@@ -504,6 +524,29 @@ class ResetAction(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResetAction: _TypeAlias = ResetAction  # noqa: Y015
+
+@_typing.final
+class CutAction(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    id: _builtins.str
+    """as KillAction.id"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CutAction: _TypeAlias = CutAction  # noqa: Y015
 
 @_typing.final
 class LeaseResult(_message.Message):
@@ -898,6 +941,10 @@ class Sandbox(_message.Message):
     ENTRYPOINT_SHA256_FIELD_NUMBER: _builtins.int
     CHECKS_FIELD_NUMBER: _builtins.int
     VIEW_FIELD_NUMBER: _builtins.int
+    ALLOW_FIELD_NUMBER: _builtins.int
+    EGRESS_BYTE_CAP_FIELD_NUMBER: _builtins.int
+    CUT_FIELD_NUMBER: _builtins.int
+    RECENT_FLOWS_FIELD_NUMBER: _builtins.int
     policy: _builtins.str
     network: _builtins.str
     user: _builtins.str
@@ -905,6 +952,8 @@ class Sandbox(_message.Message):
     scratch_bytes: _builtins.int
     entrypoint_sha256: _builtins.str
     """what argv[0] hashed to at launch"""
+    egress_byte_cap: _builtins.int
+    cut: _builtins.bool
     @_builtins.property
     def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___RestrictionCheck]:
         """each restriction, verified from outside"""
@@ -915,6 +964,14 @@ class Sandbox(_message.Message):
         "filesystem view" check held its mountinfo against exactly this.
         """
 
+    @_builtins.property
+    def allow(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """network "allowlist": the entries in force (empty after a cut), the cap,
+        and the most recent flows as agentd's proxy saw them.
+        """
+
+    @_builtins.property
+    def recent_flows(self) -> _containers.RepeatedCompositeFieldContainer[Global___Flow]: ...
     def __init__(
         self,
         *,
@@ -925,14 +982,78 @@ class Sandbox(_message.Message):
         entrypoint_sha256: _builtins.str = ...,
         checks: _abc.Iterable[Global___RestrictionCheck] | None = ...,
         view: _abc.Iterable[Global___ViewEntry] | None = ...,
+        allow: _abc.Iterable[_builtins.str] | None = ...,
+        egress_byte_cap: _builtins.int = ...,
+        cut: _builtins.bool = ...,
+        recent_flows: _abc.Iterable[Global___Flow] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "entrypoint_sha256", b"entrypoint_sha256", "network", b"network", "policy", b"policy", "scratch_bytes", b"scratch_bytes", "user", b"user", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "checks", b"checks", "cut", b"cut", "egress_byte_cap", b"egress_byte_cap", "entrypoint_sha256", b"entrypoint_sha256", "network", b"network", "policy", b"policy", "recent_flows", b"recent_flows", "scratch_bytes", b"scratch_bytes", "user", b"user", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Sandbox: _TypeAlias = Sandbox  # noqa: Y015
+
+@_typing.final
+class Flow(_message.Message):
+    """One connection (or DNS lookup) an agent attempted, as agentd's egress
+    proxy saw it: names and addresses are what the proxy resolved and
+    checked, never what the agent claims.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDR_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    VIA_FIELD_NUMBER: _builtins.int
+    BYTES_OUT_FIELD_NUMBER: _builtins.int
+    BYTES_IN_FIELD_NUMBER: _builtins.int
+    DURATION_S_FIELD_NUMBER: _builtins.int
+    OPEN_FIELD_NUMBER: _builtins.int
+    verdict: _builtins.str
+    """"allowed" | "denied" | "answered" | "refused" """
+    reason: _builtins.str
+    name: _builtins.str
+    """the allowlisted name, if any"""
+    addr: _builtins.str
+    """the address connected to (or asked for)"""
+    port: _builtins.int
+    via: _builtins.str
+    """"capture" | "proxy" | "dns-tcp" | "dns" """
+    bytes_out: _builtins.int
+    bytes_in: _builtins.int
+    duration_s: _builtins.float
+    open: _builtins.bool
+    """still open when this was sent"""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        verdict: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        name: _builtins.str = ...,
+        addr: _builtins.str = ...,
+        port: _builtins.int = ...,
+        via: _builtins.str = ...,
+        bytes_out: _builtins.int = ...,
+        bytes_in: _builtins.int = ...,
+        duration_s: _builtins.float = ...,
+        open: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addr", b"addr", "at", b"at", "bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "duration_s", b"duration_s", "name", b"name", "open", b"open", "port", b"port", "reason", b"reason", "verdict", b"verdict", "via", b"via"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Flow: _TypeAlias = Flow  # noqa: Y015
 
 @_typing.final
 class ViewEntry(_message.Message):
@@ -1017,6 +1138,9 @@ class AgentSignals(_message.Message):
     FILES_WRITTEN_FIELD_NUMBER: _builtins.int
     OOM_KILLS_FIELD_NUMBER: _builtins.int
     TRIPWIRE_HITS_FIELD_NUMBER: _builtins.int
+    EGRESS_DENIED_FIELD_NUMBER: _builtins.int
+    EGRESS_BYTES_FIELD_NUMBER: _builtins.int
+    EGRESS_FLOWS_OPEN_FIELD_NUMBER: _builtins.int
     uptime_s: _builtins.float
     processes_started: _builtins.int
     """new pids seen in the cgroup since launch"""
@@ -1034,6 +1158,11 @@ class AgentSignals(_message.Message):
     """TCP/UDP sockets connecting or connected (not listening)"""
     oom_kills: _builtins.int
     tripwire_hits: _builtins.int
+    egress_denied: _builtins.int
+    """connections and lookups agentd's proxy denied"""
+    egress_bytes: _builtins.int
+    """bytes through agentd's proxy, both ways"""
+    egress_flows_open: _builtins.int
     @_builtins.property
     def sampled_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1064,10 +1193,13 @@ class AgentSignals(_message.Message):
         files_written: _abc.Iterable[_builtins.str] | None = ...,
         oom_kills: _builtins.int = ...,
         tripwire_hits: _builtins.int = ...,
+        egress_denied: _builtins.int = ...,
+        egress_bytes: _builtins.int = ...,
+        egress_flows_open: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampled_at", b"sampled_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "cpu_percent", b"cpu_percent", "cpu_seconds", b"cpu_seconds", "files_written", b"files_written", "memory_bytes", b"memory_bytes", "oom_kills", b"oom_kills", "pids", b"pids", "processes_per_second", b"processes_per_second", "processes_started", b"processes_started", "recent_commands", b"recent_commands", "remote_addresses", b"remote_addresses", "sampled_at", b"sampled_at", "sockets_open", b"sockets_open", "tripwire_hits", b"tripwire_hits", "uptime_s", b"uptime_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "cpu_percent", b"cpu_percent", "cpu_seconds", b"cpu_seconds", "egress_bytes", b"egress_bytes", "egress_denied", b"egress_denied", "egress_flows_open", b"egress_flows_open", "files_written", b"files_written", "memory_bytes", b"memory_bytes", "oom_kills", b"oom_kills", "pids", b"pids", "processes_per_second", b"processes_per_second", "processes_started", b"processes_started", "recent_commands", b"recent_commands", "remote_addresses", b"remote_addresses", "sampled_at", b"sampled_at", "sockets_open", b"sockets_open", "tripwire_hits", b"tripwire_hits", "uptime_s", b"uptime_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

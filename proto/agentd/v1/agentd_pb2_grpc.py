@@ -89,6 +89,11 @@ class AgentdStub:
                 request_serializer=agentd_dot_v1_dot_agentd__pb2.Envelope.SerializeToString,
                 response_deserializer=agentd_dot_v1_dot_agentd__pb2.Agent.FromString,
                 _registered_method=True)
+        self.Cut = channel.unary_unary(
+                '/agentd.v1.Agentd/Cut',
+                request_serializer=agentd_dot_v1_dot_agentd__pb2.Envelope.SerializeToString,
+                response_deserializer=agentd_dot_v1_dot_agentd__pb2.Agent.FromString,
+                _registered_method=True)
         self.Events = channel.unary_stream(
                 '/agentd.v1.Agentd/Events',
                 request_serializer=agentd_dot_v1_dot_agentd__pb2.EventsRequest.SerializeToString,
@@ -185,6 +190,14 @@ class AgentdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Cut(self, request, context):
+        """Signed. Closes every network flow of an allowlist agent and empties its
+        allowlist, without killing it: its hands are taken, the evidence kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Events(self, request, context):
         """Lifecycle, command, rule and watchdog events, as they happen (follow) or
         the recent backlog only.
@@ -255,6 +268,11 @@ def add_AgentdServicer_to_server(servicer, server):
             ),
             'Thaw': grpc.unary_unary_rpc_method_handler(
                     servicer.Thaw,
+                    request_deserializer=agentd_dot_v1_dot_agentd__pb2.Envelope.FromString,
+                    response_serializer=agentd_dot_v1_dot_agentd__pb2.Agent.SerializeToString,
+            ),
+            'Cut': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cut,
                     request_deserializer=agentd_dot_v1_dot_agentd__pb2.Envelope.FromString,
                     response_serializer=agentd_dot_v1_dot_agentd__pb2.Agent.SerializeToString,
             ),
@@ -564,6 +582,33 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/Thaw',
+            agentd_dot_v1_dot_agentd__pb2.Envelope.SerializeToString,
+            agentd_dot_v1_dot_agentd__pb2.Agent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/Cut',
             agentd_dot_v1_dot_agentd__pb2.Envelope.SerializeToString,
             agentd_dot_v1_dot_agentd__pb2.Agent.FromString,
             options,

@@ -72,6 +72,10 @@ class AgentdStub:
     """
     Thaw: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.Envelope, _agentd_pb2.Agent]
     """Signed. Thaw a frozen agent."""
+    Cut: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.Envelope, _agentd_pb2.Agent]
+    """Signed. Closes every network flow of an allowlist agent and empties its
+    allowlist, without killing it: its hands are taken, the evidence kept.
+    """
     Events: _grpc.UnaryStreamMultiCallable[_agentd_pb2.EventsRequest, _agentd_pb2.Event]
     """Lifecycle, command, rule and watchdog events, as they happen (follow) or
     the recent backlog only.
@@ -114,6 +118,10 @@ class AgentdAsyncStub(AgentdStub):
     """
     Thaw: _aio.UnaryUnaryMultiCallable[_agentd_pb2.Envelope, _agentd_pb2.Agent]  # type: ignore[assignment]
     """Signed. Thaw a frozen agent."""
+    Cut: _aio.UnaryUnaryMultiCallable[_agentd_pb2.Envelope, _agentd_pb2.Agent]  # type: ignore[assignment]
+    """Signed. Closes every network flow of an allowlist agent and empties its
+    allowlist, without killing it: its hands are taken, the evidence kept.
+    """
     Events: _aio.UnaryStreamMultiCallable[_agentd_pb2.EventsRequest, _agentd_pb2.Event]  # type: ignore[assignment]
     """Lifecycle, command, rule and watchdog events, as they happen (follow) or
     the recent backlog only.
@@ -219,6 +227,16 @@ class AgentdServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agentd_pb2.Agent, _abc.Awaitable[_agentd_pb2.Agent]]:
         """Signed. Thaw a frozen agent."""
+
+    @_abc_1.abstractmethod
+    def Cut(
+        self,
+        request: _agentd_pb2.Envelope,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.Agent, _abc.Awaitable[_agentd_pb2.Agent]]:
+        """Signed. Closes every network flow of an allowlist agent and empties its
+        allowlist, without killing it: its hands are taken, the evidence kept.
+        """
 
     @_abc_1.abstractmethod
     def Events(

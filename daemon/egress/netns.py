@@ -1,0 +1,319 @@
+"""An allowlist agent's network namespace: made by the daemon, entered by the agent.
+
+The daemon, not bwrap, creates it: a short-lived thread unshares its own
+network namespace (unshare(2) with CLONE_NEWNET is allowed in a threaded
+process and changes only the calling thread), configures it, creates the
+sockets agentd serves inside it, and switches back. The namespace is owned
+by the initial user namespace, so the agent, which runs without capabilities
+in bwrap's child user namespace, can never change its routes or rules
+(user_namespaces(7): capabilities count only in namespaces a user namespace
+owns). The launch shim enters it by setns(2) before exec'ing bwrap, which
+is then given no --unshare-net.
+
+Inside: ``lo`` and nothing else; the default routes point at ``lo`` so that
+a connect to any address gets as far as netfilter (with no route, connect(2)
+fails with ENETUNREACH before any hook runs); nftables redirects every TCP
+connection that is not to the agent's own loopback to agentd's capture
+listener, every DNS query (UDP or TCP, to any server, loopback included:
+a resolv.conf naming 127.0.0.53 must not escape the resolver) to agentd's
+resolver, and drops everything else. Nothing can leave the namespace except
+through a socket the daemon holds: there is no interface to leave by.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from daemon import children
+
+CLONE_NEWNET = 0x40000000
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST is also 80
+CAPTURE_PORT = 15001
+PROXY_PORT = 3128
+DNS_PORT = 53
+PROXY_URL = f"http://127.0.0.1:{PROXY_PORT}"
+# TEST-NET-1 (RFC 5737) and the IPv6 documentation prefix (RFC 3849): never
+# routed anywhere, so a probe to them can only be answered by the capture.
+PROBE_V4 = "192.0.2.1"
+PROBE_V6 = "2001:db8::1"
+PROBE_PORT = 9
+_SETUP_TIMEOUT_S = 15.0
+_PROBE_TIMEOUT_S = 5.0
+_SEARCH = "/usr/sbin:/sbin:/usr/bin:/bin"
+
+RULESET = f"""\
+table inet agentd {{
+  chain nat_out {{
+    type nat hook output priority -100; policy accept;
+    udp dport 53 redirect to :{DNS_PORT}
+    tcp dport 53 redirect to :{CAPTURE_PORT}
+    ip daddr 127.0.0.0/8 return
+    ip6 daddr ::1 return
+    meta l4proto tcp redirect to :{CAPTURE_PORT}
+  }}
+  chain filter_out {{
+    type filter hook output priority 0; policy drop;
+    ct state established,related accept
+    ip daddr 127.0.0.0/8 accept
+    ip6 daddr ::1 accept
+  }}
+}}
+"""
+# iproute2 infers the family of each route from its prefix.
+_IP_BATCH = "link set lo up\nroute add default dev lo\nroute add ::/0 dev lo\n"
+
+ROLES = ("tcp4", "tcp6", "dns4", "dns6", "proxy")
+
+
+class NetnsError(Exception):
+    """The namespace could not be made or did not behave; the message says which step."""
+
+
+@dataclass
+class AgentNet:
+    """The namespace (by fd) and the sockets agentd serves in it, by role."""
+
+    netns_fd: int
+    inode: int
+    fds: dict[str, int] = field(default_factory=dict)
+    _closed: bool = False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fd in (*self.fds.values(), self.netns_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def tools() -> tuple[str, str]:
+    """Paths of ip(8) and nft(8). Raises NetnsError naming the missing package."""
+    ip = shutil.which("ip", path=_SEARCH)
+    nft = shutil.which("nft", path=_SEARCH)
+    if ip is None or nft is None:
+        missing = " and ".join(p for p, t in (("iproute2", ip), ("nftables", nft)) if t is None)
+        raise NetnsError(f"network = \"allowlist\" needs Debian's {missing} package")
+    return ip, nft
+
+
+def create() -> AgentNet:
+    """Make, configure and probe a new namespace. Raises NetnsError."""
+    ip, nft = tools()
+    result: list[AgentNet | BaseException] = []
+    worker = threading.Thread(target=_in_thread, args=(ip, nft, result),
+                              name="agentd-netns", daemon=True)
+    worker.start()
+    worker.join(_SETUP_TIMEOUT_S)
+    if worker.is_alive() or not result:
+        # The thread owns whatever it made; it closes it if it ever finishes.
+        raise NetnsError(f"setting up the network namespace took over {_SETUP_TIMEOUT_S:.0f} s")
+    out = result[0]
+    if isinstance(out, BaseException):
+        raise out
+    try:
+        probe(out)
+    except NetnsError:
+        out.close()
+        raise
+    return out
+
+
+def _in_thread(ip: str, nft: str, result: list[AgentNet | BaseException]) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    net: AgentNet | None = None
+    try:
+        if libc.unshare(CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise NetnsError(f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+        fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        net = AgentNet(netns_fd=fd, inode=os.fstat(fd).st_ino)
+        # Children forked from this thread start in its namespace.
+        _run([ip, "-batch", "-"], _IP_BATCH, "ip")
+        _run([nft, "-f", "-"], RULESET, "nft")
+        net.fds = _sockets()
+        result.append(net)
+        net = None
+    except BaseException as err:  # handed to the caller, whatever it is
+        result.append(err if isinstance(err, NetnsError) else NetnsError(str(err)))
+    finally:
+        if net is not None:
+            net.close()
+        # Back home, so the thread's end leaves nothing in the agent's namespace.
+        libc.setns(home, CLONE_NEWNET)
+        os.close(home)
+
+
+def _run(argv: list[str], stdin: str, what: str) -> None:
+    proc = children.spawn(lambda: subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        close_fds=True, env={"PATH": _SEARCH}))
+    try:
+        _, err = proc.communicate(stdin.encode(), timeout=_SETUP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise NetnsError(f"{what} did not finish configuring the namespace") from None
+    if proc.returncode != 0:
+        said = err.decode("utf-8", "replace").strip().splitlines()
+        raise NetnsError(f"{what} failed to configure the namespace: "
+                         f"{said[-1] if said else f'exit {proc.returncode}'}")
+
+
+def _sockets() -> dict[str, int]:
+    made: dict[str, socket.socket] = {}
+    try:
+        made["tcp4"] = _listener(socket.AF_INET, "127.0.0.1", CAPTURE_PORT)
+        made["tcp6"] = _listener(socket.AF_INET6, "::1", CAPTURE_PORT)
+        made["dns4"] = _udp(socket.AF_INET, "127.0.0.1", DNS_PORT)
+        made["dns6"] = _udp(socket.AF_INET6, "::1", DNS_PORT)
+        made["proxy"] = _listener(socket.AF_INET, "127.0.0.1", PROXY_PORT)
+    except OSError:
+        for s in made.values():
+            s.close()
+        raise
+    return {role: s.detach() for role, s in made.items()}
+
+
+def _listener(family: int, host: str, port: int) -> socket.socket:
+    s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((host, port))
+    s.listen(socket.SOMAXCONN)
+    return s
+
+
+def _udp(family: int, host: str, port: int) -> socket.socket:
+    s = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((host, port))
+    return s
+
+
+def probe(net: AgentNet) -> None:
+    """Exercise the capture before any agent runs in the namespace. Raises NetnsError.
+
+    Connections to TEST-NET addresses, from sockets made inside the namespace,
+    must arrive at the capture listeners with their original destination; a
+    DNS datagram to a TEST-NET server must arrive at the resolver's socket;
+    any other datagram must be refused by the filter. The daemon takes each
+    probe off the listener itself, so the egress service never sees one.
+    """
+    made = _in_namespace(net, lambda: (
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC),
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM | socket.SOCK_CLOEXEC),
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)))
+    tcp4, tcp6, udp = made
+    try:
+        _probe_tcp(tcp4, (PROBE_V4, PROBE_PORT), net.fds["tcp4"], socket.AF_INET)
+        _probe_tcp(tcp6, (PROBE_V6, PROBE_PORT), net.fds["tcp6"], socket.AF_INET6)
+        udp.settimeout(_PROBE_TIMEOUT_S)
+        udp.sendto(b"agentd-probe", (PROBE_V4, DNS_PORT))
+        if not _readable(net.fds["dns4"]):
+            raise NetnsError("a DNS query from the namespace did not reach agentd's resolver")
+        with contextlib.suppress(BlockingIOError):
+            os.read(net.fds["dns4"], 64)
+        try:
+            udp.sendto(b"agentd-probe", (PROBE_V4, PROBE_PORT))
+        except PermissionError:
+            pass  # EPERM: the filter chain's drop
+        else:
+            raise NetnsError("a UDP datagram to 192.0.2.1:9 was not dropped by the filter")
+    except OSError as err:
+        raise NetnsError(f"probing the namespace's capture: {err.strerror or err}") from err
+    finally:
+        for s in made:
+            s.close()
+
+
+def _probe_tcp(client: socket.socket, dst: tuple[str, int], listen_fd: int, family: int) -> None:
+    client.settimeout(_PROBE_TIMEOUT_S)
+    try:
+        client.connect(dst)
+    except OSError as err:
+        raise NetnsError(f"a connection to {dst[0]}:{dst[1]} was not captured "
+                         f"({err.strerror or err})") from err
+    if not _readable(listen_fd):
+        raise NetnsError(f"a connection to {dst[0]}:{dst[1]} did not reach the capture listener")
+    fd, _ = _accept(listen_fd)
+    try:
+        got = original_dst(fd, family)
+    finally:
+        os.close(fd)
+    if got != (dst[0], dst[1]):
+        raise NetnsError(f"the capture listener saw {got} as the original destination "
+                         f"of a connection to {dst[0]}:{dst[1]}")
+
+
+def _accept(listen_fd: int) -> tuple[int, object]:
+    s = socket.socket(fileno=os.dup(listen_fd))
+    try:
+        conn, peer = s.accept()
+        return conn.detach(), peer
+    finally:
+        s.close()
+
+
+def original_dst(fd: int, family: int) -> tuple[str, int]:
+    """The destination a redirected connection was opened to (SO_ORIGINAL_DST)."""
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        if family == socket.AF_INET:
+            raw = s.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+            return socket.inet_ntop(socket.AF_INET, raw[4:8]), struct.unpack("!H", raw[2:4])[0]
+        raw = s.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack("!H", raw[2:4])[0]
+    finally:
+        s.close()
+
+
+def _readable(fd: int) -> bool:
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    while True:
+        try:
+            return bool(p.poll(_PROBE_TIMEOUT_S * 1000))
+        except InterruptedError:
+            continue
+
+
+def _in_namespace(net: AgentNet, make: Callable[[], tuple[socket.socket, ...]]
+                  ) -> tuple[socket.socket, ...]:
+    """make() on a thread inside net's namespace: sockets stay in the one they were made in."""
+    result: list[tuple[socket.socket, ...] | BaseException] = []
+
+    def run() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if libc.setns(net.netns_fd, CLONE_NEWNET) != 0:
+                raise NetnsError(f"setns: {os.strerror(ctypes.get_errno())}")
+            result.append(make())
+        except BaseException as err:
+            result.append(err)
+        finally:
+            libc.setns(home, CLONE_NEWNET)
+            os.close(home)
+
+    worker = threading.Thread(target=run, name="agentd-netns", daemon=True)
+    worker.start()
+    worker.join(_SETUP_TIMEOUT_S)
+    if not result:
+        raise NetnsError("entering the network namespace did not finish")
+    out = result[0]
+    if isinstance(out, BaseException):
+        raise out if isinstance(out, NetnsError) else NetnsError(str(out))
+    return out
