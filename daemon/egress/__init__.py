@@ -1,5 +1,8 @@
 """Egress allowlists: what an agent with network = "allowlist" may reach, and how.
 
-- netns.py   the agent's network namespace, made and configured by the daemon,
-             and the capture checked by probes before the agent runs.
+Layering: the supervisor calls this; this calls nothing above it.
+
+- allowlist.py  the allowlist grammar, canonical host names, matching;
+- netns.py      the agent's network namespace, made and configured by the daemon,
+                its capture checked by probes before the agent runs.
 """
