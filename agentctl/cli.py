@@ -29,7 +29,8 @@ from agentctl.errors import AgentctlError, Interrupted
 # this table and the modules in step.
 COMMAND_MODULES: dict[str, str] = {
     "keygen": "agentctl.cmd_keys",
-    **dict.fromkeys(("info", "ps", "status", "run", "stop", "kill", "freeze", "thaw", "send"),
+    **dict.fromkeys(("info", "ps", "status", "run", "stop", "kill", "freeze", "cut", "thaw",
+                     "send"),
                     "agentctl.cmd_agents"),
     **dict.fromkeys(("keepalive", "renew", "estop", "reset", "cosign"), "agentctl.cmd_failsafe"),
     "top": "agentctl.cmd_monitor",

@@ -138,6 +138,10 @@ class Client:
         """Send a signed freeze; returns once the kernel reports the agent frozen."""
         return self._call(self.stub.Freeze, envelope, RUN_DEADLINE_S, signed=True)
 
+    def cut(self, envelope: agentd_pb2.Envelope) -> agentd_pb2.Agent:
+        """Send a signed cut: every flow of an allowlist agent closed, its allowlist emptied."""
+        return self._call(self.stub.Cut, envelope, RUN_DEADLINE_S, signed=True)
+
     def thaw(self, envelope: agentd_pb2.Envelope) -> agentd_pb2.Agent:
         """Send a signed thaw."""
         return self._call(self.stub.Thaw, envelope, RUN_DEADLINE_S, signed=True)

@@ -198,6 +198,27 @@ def freeze(settings: Settings, *, name: str, run_id: str, sign: SignOptions) -> 
 @run_id_option
 @signing_options
 @pass_settings
+def cut(settings: Settings, *, name: str, run_id: str, sign: SignOptions) -> None:
+    """Close every network flow of allowlist agent NAME and empty its allowlist (signed).
+
+    The agent keeps running, with nothing it can reach: its hands are
+    taken, the evidence (its processes, files and output) kept.
+    """
+    settings.stopping()
+
+    def action(cmd: agentd_pb2.Command) -> None:
+        cmd.cut.name, cmd.cut.id = name, run_id
+
+    env = build_envelope(settings, sign, action)
+    if env is not None:
+        _print_agent(settings, settings.client().cut(env))
+
+
+@click.command()
+@click.argument("name")
+@run_id_option
+@signing_options
+@pass_settings
 def thaw(settings: Settings, *, name: str, run_id: str, sign: SignOptions) -> None:
     """Let a frozen agent NAME run again (signed; operator or admin)."""
 
@@ -243,11 +264,13 @@ def send(settings: Settings, file: IO[str]) -> None:
         _print_agent(settings, client.freeze(env))
     elif action == "thaw":
         _print_agent(settings, client.thaw(env))
+    elif action == "cut":
+        _print_agent(settings, client.cut(env))
     else:
         raise click.BadParameter("the command holds no action agentd knows", param_hint="FILE")
 
 
-COMMANDS = (info, ps, status, run, stop, kill, freeze, thaw, send)
+COMMANDS = (info, ps, status, run, stop, kill, freeze, cut, thaw, send)
 
 
 # ---------------------------------------------------------------- helpers

@@ -158,7 +158,34 @@ def sandbox_text(sb: agentd_pb2.Sandbox) -> str:
     if sb.view:
         lines.append("filesystem view (nothing else of the host):")
         lines += view_lines(sb.view)
+    if sb.network == "allowlist":
+        lines += egress_lines(sb)
     return "\n".join(lines)
+
+
+def egress_lines(sb: agentd_pb2.Sandbox) -> list[str]:
+    """The allowlist in force and the flows agentd's proxy saw last, newest last."""
+    cap = fmt.format_bytes(sb.egress_byte_cap) if sb.egress_byte_cap else "none"
+    if sb.cut:
+        head = "allowlist: CUT (every flow closed, nothing reachable)"
+    else:
+        head = f"allowlist ({len(sb.allow)}): {' '.join(sb.allow) or 'empty (DNS only)'}"
+    out = [f"{head}; byte cap {cap}"]
+    if sb.recent_flows:
+        out.append(f"recent flows ({len(sb.recent_flows)}, as agentd's proxy saw them):")
+    for f in sb.recent_flows:
+        where = f.name or f.addr or "?"
+        if f.name and f.addr:
+            where += f" ({f.addr})"
+        state = "open" if f.open else f.verdict
+        moved = f"{fmt.format_bytes(f.bytes_out)} out {fmt.format_bytes(f.bytes_in)} in"
+        line = f"  {state:<8} {where}:{f.port} via {f.via}"
+        if f.verdict in ("allowed",) and not f.open:
+            line += f"  {moved}, {f.duration_s:.1f} s"
+        if f.verdict in ("denied", "refused"):
+            line += f"  {f.reason}"
+        out.append(line)
+    return out
 
 
 def view_lines(view: Sequence[agentd_pb2.ViewEntry]) -> list[str]:
@@ -207,6 +234,10 @@ def signals_text(s: agentd_pb2.AgentSignals) -> str:
             ("files written", "\n".join(s.files_written)),
             ("oom kills", str(s.oom_kills)),
             ("tripwire hits", str(s.tripwire_hits)),
+            *([("egress", f"{s.egress_flows_open} flow(s) open, "
+                          f"{fmt.format_bytes(s.egress_bytes)} moved, "
+                          f"{s.egress_denied} denied")]
+              if s.egress_bytes or s.egress_denied or s.egress_flows_open else []),
         ]
     )
 

@@ -33,6 +33,8 @@ class SandboxOptions:
     nofile: int | None
     pin: str | None
     env: tuple[str, ...]
+    allow: tuple[str, ...] = ()
+    egress_byte_cap: int | None = None
 
     def fill(self, run: agentd_pb2.RunAction) -> None:
         """Write the policy name and overrides into a RunAction."""
@@ -49,6 +51,9 @@ class SandboxOptions:
         if self.pin is not None:
             o.entrypoint_sha256 = self.pin.lower()
         o.env.extend(self.env)
+        o.allow.extend(self.allow)
+        if self.egress_byte_cap is not None:
+            o.egress_byte_cap = self.egress_byte_cap
 
 
 def _pin(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -70,16 +75,27 @@ def sandbox_options(f: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(f)
     def collect(*args: Any, policy: str, network: str | None, bind_ro: tuple[str, ...],
                 bind_rw: tuple[str, ...], scratch: int | None, nofile: int | None,
-                pin: str | None, env: tuple[str, ...], **kwargs: Any) -> Any:
+                pin: str | None, env: tuple[str, ...], allow: tuple[str, ...],
+                egress_byte_cap: int | None, **kwargs: Any) -> Any:
         return f(*args, sandbox=SandboxOptions(policy, network, bind_ro, bind_rw, scratch,
-                                               nofile, pin, env), **kwargs)
+                                               nofile, pin, env, allow, egress_byte_cap),
+                 **kwargs)
 
     options = [
         click.option("--policy", default="", metavar="NAME",
                      help="Sandbox profile (NAME.toml in the daemon's policy directory) "
                           "[default: the daemon's default profile]."),
-        click.option("--network", type=click.Choice(["none", "host"]),
-                     help="none: loopback only; host: the host's network (admin)."),
+        click.option("--network", type=click.Choice(["none", "allowlist", "host"]),
+                     help="none: loopback only; allowlist: only what --allow and the "
+                          "profile name, through agentd's proxy; host: the host's "
+                          "network (admin)."),
+        click.option("--allow", multiple=True, metavar="HOST:PORT",
+                     help="Let the agent reach HOST:PORT, *.DOMAIN:PORT or CIDR:PORT "
+                          "(repeatable; implies --network allowlist; beyond the default "
+                          "profile's allowlist needs admin)."),
+        click.option("--egress-byte-cap", type=SIZE,
+                     help="allowlist: close the agent's flows after this many bytes "
+                          "in and out (100M, 1G...)."),
         click.option("--bind-ro", multiple=True, metavar="PATH",
                      help="Show host PATH read-only at the same path (repeatable)."),
         click.option("--bind-rw", multiple=True, metavar="PATH",

@@ -33,7 +33,7 @@ from typing import Any, Final, Literal, Self
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["lifecycle", "command", "rule", "watchdog", "daemon"]
+Kind = Literal["lifecycle", "command", "rule", "watchdog", "daemon", "egress"]
 
 RING_SIZE: Final = 10_000
 """Events kept for the backlog."""
@@ -58,6 +58,11 @@ _KINDS: Final[dict[str, Kind]] = {
     "guardian_killed": "watchdog",
     "guardian_report_unreadable": "watchdog",
     "audit_chain_broken": "watchdog",
+    "egress_flow": "egress",
+    "egress_dns": "egress",
+    "egress_denied": "egress",
+    "egress_denied_summary": "egress",
+    "egress_restarted": "egress",
 }
 
 
@@ -201,7 +206,28 @@ def _tripwire(r: dict[str, Any]) -> str:
     return text
 
 
+def _egress(r: dict[str, Any]) -> str:
+    """One flow or lookup; the names and reasons are the proxy's, addresses as it saw them."""
+    where = r.get("name") or r.get("addr") or "?"
+    port = f":{r['port']}" if r.get("port") else ""
+    verdict = str(r.get("verdict") or "?")
+    if r.get("event") == "egress_dns":
+        return f"{_who(r)}: DNS {r.get('qtype', '?')} {where} {verdict}: {r.get('reason', '')}"
+    if r.get("phase") == "open":
+        return f"{_who(r)}: flow to {where}{port} opened (via {r.get('via', '?')})"
+    moved = f"{r.get('bytes_out', 0)} B out, {r.get('bytes_in', 0)} B in"
+    if verdict == "denied":
+        return f"{_who(r)}: flow to {where}{port} DENIED: {r.get('reason', '')}"
+    return f"{_who(r)}: flow to {where}{port} closed ({moved}, {r.get('duration_s', 0)} s)"
+
+
 _DESCRIBERS: Final[dict[str, Callable[[dict[str, Any]], str]]] = {
+    "egress_flow": _egress,
+    "egress_dns": _egress,
+    "egress_denied": lambda r: f"{_who(r)}: egress DENIED to {r.get('name') or r.get('addr')}"
+                               f":{r.get('port', '?')}: {r.get('reason', '')}",
+    "egress_denied_summary": lambda r: f"{_who(r)}: {r.get('count')} more egress attempt(s) "
+                                       f"denied in {r.get('window_s')} s (not audited one by one)",
     "daemon_start": _daemon_start,
     "daemon_stop": lambda r: f"agentd stopped; {r.get('agents_killed', 0)} running agent(s) "
                              "killed",

@@ -157,6 +157,10 @@ def run(cfg: config.Config) -> int:
                        limits=limits)
     rules = tripwire_rules.for_config(cfg.rules_file)
     sup = Supervisor(cfg, tree, audit, rules=rules)
+    # Flows and lookups of allowlist agents: events and metrics, not audit
+    # records (denied ones are audited too, rate-limited: daemon.supervisor.egress).
+    for listener in (events.publish, meters.record):
+        sup.egress.add_listener(listener)
     recorder.retry(sup.latch.retry)
     recorder.start()
     meters.attach(sup)

@@ -80,6 +80,12 @@ class Metrics:
             "agentd_tripwire_hits", "Tripwire rules that fired, by rule", ["rule"], registry=r)
         self.lease_expiries = Counter(
             "agentd_lease_expiries", "Agents killed because their lease ran out", registry=r)
+        self.egress_flows = Counter(
+            "agentd_egress_flows", "Allowlist agents' connections and lookups as agentd's "
+            "proxy ended them, by verdict and path", ["verdict", "via"], registry=r)
+        self.egress_bytes = Counter(
+            "agentd_egress_bytes", "Bytes through agentd's egress proxy, by direction "
+            "(out: from agents)", ["direction"], registry=r)
         self._sup: Supervisor | None = None
         # What a kill of a whole batch (estop, leases, shutdown) used; from daemon_start.
         self._kill_method = "unknown"
@@ -127,6 +133,14 @@ class Metrics:
                     self.kills.labels("estop", self._kill_method).inc(n)
                     self.kill_duration.labels("estop").observe(
                         float(rec.get("duration_ms") or 0) / 1000)
+        elif event in ("egress_flow", "egress_dns"):
+            if rec.get("phase") != "open":
+                self.egress_flows.labels(str(rec.get("verdict") or "?"),
+                                         str(rec.get("via") or "?")).inc()
+                for direction in ("out", "in"):
+                    moved = rec.get(f"bytes_{direction}")
+                    if isinstance(moved, int) and moved > 0:
+                        self.egress_bytes.labels(direction).inc(moved)
         elif event == "lease_expired":
             self.lease_expiries.inc()
             self._kill("lease", None, rec.get("deadline_to_empty_ms"))

@@ -10,6 +10,7 @@ from daemon.errors import CgroupError
 from daemon.monitor.model import Signals
 from daemon.sandbox.verify import Report
 from daemon.supervisor.agent import Agent, State
+from daemon.supervisor.egress import AgentEgress
 from daemon.supervisor.killer import KillOutcome
 
 _STATES = {
@@ -65,6 +66,8 @@ def agent(a: Agent, lease_remaining_s: float | None = None) -> agentd_pb2.Agent:
     )
     if a.sandbox is not None:
         msg.sandbox.CopyFrom(sandbox(a.sandbox))
+    if a.egress is not None:
+        _egress(msg.sandbox, a.egress)
     if lease_remaining_s is not None and not a.is_ended:
         msg.lease_remaining_ms = lease_remaining_s * 1e3
     if a.exit_code is not None:
@@ -91,6 +94,21 @@ def sandbox(r: Report) -> agentd_pb2.Sandbox:
     )
 
 
+def _egress(box: agentd_pb2.Sandbox, e: AgentEgress) -> None:
+    """An allowlist agent's entries in force, its cap, and its recent flows."""
+    box.allow.extend(e.allow)
+    box.egress_byte_cap = e.byte_cap
+    box.cut = e.cut
+    for f in e.recent_flows():
+        flow = box.recent_flows.add(
+            verdict=str(f.get("verdict", "")), reason=str(f.get("reason", "")),
+            name=str(f.get("name") or ""), addr=str(f.get("addr") or ""),
+            port=int(f.get("port") or 0), via=str(f.get("via", "")),
+            bytes_out=int(f.get("bytes_out") or 0), bytes_in=int(f.get("bytes_in") or 0),
+            duration_s=float(f.get("duration_s") or 0.0), open=f.get("phase") == "open")
+        flow.at.CopyFrom(_ts(float(f.get("at") or 0.0)))
+
+
 def signals(s: Signals) -> agentd_pb2.AgentSignals:
     """The newest sample of an agent's kernel-observed signals; all zero before the first."""
     msg = agentd_pb2.AgentSignals(
@@ -108,6 +126,9 @@ def signals(s: Signals) -> agentd_pb2.AgentSignals:
         files_written=s.files_written,
         oom_kills=s.oom_kills,
         tripwire_hits=s.tripwire_hits,
+        egress_denied=s.egress_denied,
+        egress_bytes=s.egress_bytes,
+        egress_flows_open=s.egress_flows_open,
     )
     if s.sampled_at:
         msg.sampled_at.CopyFrom(_ts(s.sampled_at))

@@ -56,7 +56,7 @@ MAX_STREAMS_PER_CONNECTION = 100
 IDLE_MS = 10_000
 AGENTD_SERVICE = agentd_pb2.DESCRIPTOR.services_by_name["Agentd"].full_name
 # What the emergency socket serves, and how much of it.
-STOP_METHODS = frozenset({"Kill", "Stop", "Estop", "Freeze", "Info"})
+STOP_METHODS = frozenset({"Kill", "Stop", "Estop", "Freeze", "Cut", "Info"})
 STOP_MAX_CONNECTIONS = 64
 STOP_MAX_STREAMS = 16
 

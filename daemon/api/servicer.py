@@ -20,7 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from daemon.api import convert, logs
 from daemon.api.lanes import Admission, Lanes
 from daemon.auth import VerifiedCommand
-from daemon.commands import estop, freeze, kill, renew, reset, run, stop, transaction
+from daemon.commands import cut, estop, freeze, kill, renew, reset, run, stop, transaction
 from daemon.commands.context import Ctx
 from daemon.errors import AgentdError, Overloaded
 from daemon.events import RING_SIZE, Event, EventBus
@@ -200,6 +200,17 @@ class Servicer:
                                 lambda: freeze.act(self.ctx, admitted))
             await self.lanes.record(lambda: freeze.record(self.ctx, f))
             return self._agent(freeze.check_done(f))
+
+        return await self._call(context, self._carried_through(go()))
+
+    async def Cut(self, request: agentd_pb2.Envelope,
+                  context: Context) -> agentd_pb2.Agent:
+        async def go() -> agentd_pb2.Agent:
+            admitted = await self._admit(request, "cut", lambda: cut.admit(self.ctx, request))
+            c = await self._act(admitted[0], admitted[1].name,
+                                lambda: cut.act(self.ctx, admitted))
+            await self.lanes.record(lambda: cut.record(self.ctx, c))
+            return self._agent(c.agent)
 
         return await self._call(context, self._carried_through(go()))
 

@@ -24,12 +24,14 @@ ACTION_ROLES: Mapping[str, frozenset[Role]] = MappingProxyType(
         # freeze it. Thawing lets a suspect agent run again: not on-call alone.
         "freeze": frozenset({Role.ADMIN, Role.OPERATOR, Role.ONCALL, Role.SUPERVISOR}),
         "thaw": frozenset({Role.ADMIN, Role.OPERATOR}),
+        # A cut only takes an agent's network away (daemon.commands.cut).
+        "cut": frozenset({Role.ADMIN, Role.OPERATOR, Role.ONCALL, Role.SUPERVISOR}),
     }
 )
 
 # Actions that must keep working while the replay cache is degraded: a
 # replayed stop or kill can only end an agent, never start one.
-STOP_ACTIONS: frozenset[str] = frozenset({"stop", "kill", "estop", "freeze"})
+STOP_ACTIONS: frozenset[str] = frozenset({"stop", "kill", "estop", "freeze", "cut"})
 
 
 def roles_for(action: str) -> frozenset[Role]:

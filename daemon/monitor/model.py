@@ -28,5 +28,9 @@ class Signals:
     files_written: list[str] = field(default_factory=list)  # open for writing, outside allowed
     oom_kills: int = 0
     tripwire_hits: int = 0
+    # network "allowlist": counted by agentd's egress proxy.
+    egress_denied: int = 0  # connections and lookups denied since launch
+    egress_bytes: int = 0  # through the proxy, both ways
+    egress_flows_open: int = 0
     # Commands (argv[0] paths) executed since the last sample, for exec rules.
     new_executables: list[str] = field(default_factory=list)

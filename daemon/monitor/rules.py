@@ -18,6 +18,7 @@ than none). See docs/tripwires.md.
     name = "fork-burst"
     kind = "signal"
     metric = "processes_per_second"   # | connections | sockets_open | exec_outside
+                                      # | egress_denied (allowlist agents)
     threshold = 50
     window = "5s"                     # rates only: 1s (default) to 60s
     action = "kill"
@@ -44,9 +45,10 @@ ACTIONS: tuple[Action, ...] = ("alert", "freeze", "kill")
 # Verdicts and actions in order of force; "ok" is a detector's verdict only.
 SEVERITY: Mapping[str, int] = {"ok": 0, "alert": 1, "freeze": 2, "kill": 3}
 STREAMS: tuple[str, ...] = ("stdout", "stderr")
-Metric = Literal["processes_per_second", "connections", "sockets_open", "exec_outside"]
+Metric = Literal["processes_per_second", "connections", "sockets_open", "exec_outside",
+                 "egress_denied"]
 METRICS: tuple[Metric, ...] = (
-    "processes_per_second", "connections", "sockets_open", "exec_outside")
+    "processes_per_second", "connections", "sockets_open", "exec_outside", "egress_denied")
 
 DEFAULT_REGEX_MAX_LENGTH = 256
 MAX_PATTERN_LENGTH = 4096

@@ -404,5 +404,10 @@ class Sampler:
                 return None
             # Tripwire hits are counted elsewhere, under this lock.
             new.tripwire_hits = agent.signals.tripwire_hits
+            # Egress: what agentd's own proxy counted (never the agent).
+            egress = agent.egress
+            if egress is not None:
+                new.egress_denied, new.egress_bytes = egress.denied, egress.bytes_total
+                new.egress_flows_open = egress.flows_open
             agent.signals = new
         return new

@@ -12,7 +12,9 @@ also moves the line above which a run counts as an escalation.
     pids = 256                    # 0: no limit
     nofile = 1024                 # RLIMIT_NOFILE, soft and hard
     scratch = "256M"              # size cap of /scratch (and /tmp, which lives in it)
-    network = "none"              # or "host"
+    network = "none"              # or "allowlist" (with allow), or "host"
+    allow = ["api.anthropic.com:443", "*.githubusercontent.com:443", "10.1.2.0/24:5432"]
+    egress_byte_cap = "1G"        # allowlist: bytes in and out over the run; 0: none
     bind_ro = ["/srv/data"]       # host paths, shown read-only at the same path
     bind_rw = ["/srv/out"]        # host paths, writable at the same path
     env_allow = ["PATH", "HOME", "LANG"]
@@ -39,11 +41,13 @@ from typing import Any
 from agentd.v1 import agentd_pb2
 
 from daemon.config import Config
+from daemon.egress.allowlist import Allowlist
 from daemon.errors import InvalidArgument, PolicyError
 
 DEFAULT = "default"
 DYNAMIC = "dynamic"
-NETWORKS = ("none", "host")
+# In order of reach: an agent's network is looser than the default's when later here.
+NETWORKS = ("none", "allowlist", "host")
 MIB = 1024 * 1024
 DEFAULT_SCRATCH_BYTES = 256 * MIB
 MIN_SCRATCH_BYTES = 1 * MIB
@@ -61,7 +65,8 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _KEYS = frozenset({"description", "user", "memory", "cpus", "pids", "nofile", "scratch",
-                   "network", "bind_ro", "bind_rw", "env_allow", "entrypoint_sha256"})
+                   "network", "bind_ro", "bind_rw", "env_allow", "entrypoint_sha256",
+                   "allow", "egress_byte_cap"})
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,9 @@ class Profile:
     nofile: int = 1024
     scratch_bytes: int = DEFAULT_SCRATCH_BYTES
     network: str = "none"
+    # network "allowlist": canonical entries (daemon.egress.allowlist), and a cap.
+    allow: tuple[str, ...] = ()
+    egress_byte_cap: int = 0
     bind_ro: tuple[str, ...] = ()
     bind_rw: tuple[str, ...] = ()
     env_allow: tuple[str, ...] = DEFAULT_ENV_ALLOW
@@ -166,6 +174,11 @@ def parse(data: Mapping[str, Any], *, name: str, source: str, base: Profile) -> 
             if value not in NETWORKS:
                 raise PolicyError(f"{where} must be one of {', '.join(NETWORKS)}, not {value!r}")
             values["network"] = value
+        elif key == "allow":
+            values["allow"] = _allow(_str_list(value, where=where), where=where,
+                                     error=PolicyError)
+        elif key == "egress_byte_cap":
+            values["egress_byte_cap"] = parse_size(value, where=where)
         elif key in ("bind_ro", "bind_rw"):
             values[key] = tuple(check_path(p, where=where) for p in _str_list(value, where=where))
         elif key == "env_allow":
@@ -179,7 +192,19 @@ def parse(data: Mapping[str, Any], *, name: str, source: str, base: Profile) -> 
             if not isinstance(value, str) or not (value == "" or _SHA256_RE.match(value)):
                 raise PolicyError(f"{where} must be 64 lowercase hex digits")
             values["entrypoint_sha256"] = value
-    return replace(base, name=name, **values)
+    out = replace(base, name=name, **values)
+    if "allow" in data and out.network != "allowlist":
+        raise PolicyError(f"{source}: allow needs network = \"allowlist\" "
+                          f"(this profile's network is {out.network!r})")
+    return out
+
+
+def _allow(entries: Iterable[str], *, where: str, error: type[Exception]) -> tuple[str, ...]:
+    """Allowlist entries in canonical form, or error naming the bad one."""
+    try:
+        return tuple(Allowlist.of(entries).texts())
+    except ValueError as err:
+        raise error(f"{where}: {err}") from None
 
 
 def load_file(path: Path, *, base: Profile) -> Profile:
@@ -298,6 +323,17 @@ def apply(profile: Profile, action: agentd_pb2.RunAction) -> tuple[Profile, dict
             raise InvalidArgument(f"network must be one of {', '.join(NETWORKS)}, "
                                   f"not {o.network!r}")
         values["network"] = o.network
+    if o.allow:
+        network = values.get("network", profile.network)
+        if network == "none" and not o.HasField("network"):
+            network = values["network"] = "allowlist"
+        if network != "allowlist":
+            raise InvalidArgument(f"--allow needs network \"allowlist\"; this run's network "
+                                  f"is {network!r}")
+        extra = _allow(o.allow, where="--allow", error=InvalidArgument)
+        values["allow"] = tuple(Allowlist.of((*profile.allow, *extra)).texts())
+    if o.HasField("egress_byte_cap"):
+        values["egress_byte_cap"] = o.egress_byte_cap
     for key in ("bind_ro", "bind_rw"):
         extra = tuple(check_path(p, where=f"--{key.replace('_', '-')}", error=InvalidArgument)
                       for p in getattr(o, key))
@@ -351,8 +387,18 @@ def looser(p: Profile, default: Profile, code_roots: Iterable[str] = ()) -> list
     """
     code_roots = tuple(code_roots)
     out: list[str] = []
-    if p.network != default.network and p.network == "host":
-        out.append("network host")
+    if NETWORKS.index(p.network) > NETWORKS.index(default.network):
+        out.append(f"network {p.network}")
+    if p.network == "allowlist":
+        theirs = Allowlist.of(default.allow if default.network == "allowlist" else ())
+        extra = [e.text for e in Allowlist.of(p.allow).entries
+                 if not theirs.covers(Allowlist((e,)))]
+        if extra:
+            out.append(f"allow {' '.join(extra)}")
+        if default.egress_byte_cap and (p.egress_byte_cap == 0
+                                        or p.egress_byte_cap > default.egress_byte_cap):
+            out.append(f"egress_byte_cap {p.egress_byte_cap or 'none'} "
+                       f"(default {default.egress_byte_cap})")
     if p.user not in (default.user, DYNAMIC):
         out.append(f"user {p.user} (default {default.user})")
     for key, label in (("memory_bytes", "memory"), ("cpu_millis", "cpu"),

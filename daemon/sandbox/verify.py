@@ -71,6 +71,8 @@ class Expected:
     nofile: int
     limits: Limits
     view: tuple[Mount, ...] = ()
+    # network "allowlist": the inode of the namespace the daemon made.
+    netns_inode: int = 0
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,28 @@ def view_problems(pid: int, view: Sequence[Mount]) -> list[str]:
     return problems
 
 
+def network_view_problems(pid: int) -> list[str]:
+    """Each interface other than lo, and each route not via lo, in PID's namespace.
+
+    Read from /proc/PID/net (proc(5)), which shows the namespace of PID:
+    an allowlist agent's only way out is agentd's capture on lo.
+    """
+    problems = []
+    try:
+        dev = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
+        route = Path(f"/proc/{pid}/net/route").read_text().splitlines()[1:]
+        route6 = Path(f"/proc/{pid}/net/ipv6_route").read_text().splitlines()
+    except (FileNotFoundError, ProcessLookupError) as err:
+        raise _Gone from err
+    ifaces = [line.split(":", 1)[0].strip() for line in dev if ":" in line]
+    problems += [f"interface {i}" for i in ifaces if i != "lo"]
+    problems += [f"IPv4 route via {f[0]}" for f in (ln.split() for ln in route)
+                 if f and f[0] != "lo"]
+    problems += [f"IPv6 route via {f[-1]}" for f in (ln.split() for ln in route6)
+                 if f and f[-1] != "lo"]
+    return problems
+
+
 def _view_summary(view: Sequence[Mount]) -> str:
     binds = [m for m in view if m.kind == "bind"]
     masked = sum(1 for m in view if m.kind in ("mask", "hide"))
@@ -219,6 +243,7 @@ def _process_checks(pids: list[int], main_pid: int, want: Expected) -> list[Chec
     seen: dict[str, str] = {}
     checked = 0
     views_seen: set[str | None] = set()
+    nets_seen: set[str] = set()
 
     def fail(name: str, what: str) -> None:
         bad.setdefault(name, []).append(what)
@@ -254,6 +279,14 @@ def _process_checks(pids: list[int], main_pid: int, want: Expected) -> list[Chec
                     elif kind == "net" and want.network == "host":
                         if not shared:
                             fail(label, f"pid {pid} not in the host's {own[kind]}")
+                    elif kind == "net" and want.network == "allowlist":
+                        if theirs != f"net:[{want.netns_inode}]":
+                            fail(label, f"pid {pid} in {theirs}, not agentd's "
+                                        f"net:[{want.netns_inode}]")
+                        elif theirs not in nets_seen:
+                            nets_seen.add(theirs)
+                            for problem in network_view_problems(pid):
+                                fail(label, f"pid {pid}: {problem}")
                     elif shared:
                         fail(label, f"pid {pid} shares the daemon's {theirs}")
                 soft, hard = _nofile(pid)
@@ -274,8 +307,10 @@ def _process_checks(pids: list[int], main_pid: int, want: Expected) -> list[Chec
                                          "only the cgroup limits were checked")]
     n = f"{checked} process(es)"
     who = f"uid {want.uid} gid {want.gid} groups {' '.join(map(str, want.groups)) or 'none'}"
-    net = ("the host's network, as the policy says" if want.network == "host"
-           else "own network namespace (loopback only)")
+    net = {"host": "the host's network, as the policy says",
+           "allowlist": f"agentd's namespace net:[{want.netns_inode}]: only lo, every route "
+                        "via lo (all traffic through agentd's capture)"}.get(
+        want.network, "own network namespace (loopback only)")
     good = {
         "user": f"{who} in {n}",
         "capabilities": f"CapEff CapPrm CapInh CapAmb 0 in {n} (CapBnd {seen.get('CapBnd')})",

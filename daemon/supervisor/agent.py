@@ -13,6 +13,7 @@ from daemon.cgroups.limits import Limits
 from daemon.cgroups.tree import AgentCgroup
 from daemon.monitor.model import Signals
 from daemon.sandbox.verify import Report
+from daemon.supervisor.egress import AgentEgress
 from daemon.users import AgentUser
 
 
@@ -66,6 +67,8 @@ class Agent:
     # stop's SIGTERM skips them (the outer one would die of it and take the
     # agent's grace period along). They count as the agent's processes.
     helper_pids: frozenset[int] = frozenset()
+    # network "allowlist": its namespace, allowlist and what the proxy saw.
+    egress: AgentEgress | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     ended: threading.Event = field(default_factory=threading.Event)
 

@@ -39,6 +39,7 @@ from daemon.sandbox import bwrap, seccomp
 from daemon.sandbox.policy import Policies
 from daemon.supervisor import freezing, killer, launcher, runspec, sandboxing
 from daemon.supervisor.agent import Agent, State
+from daemon.supervisor.egress import Egress
 from daemon.supervisor.enforcer import Enforcer
 from daemon.supervisor.failsafe import Failsafe
 from daemon.supervisor.latch import Latch
@@ -80,6 +81,8 @@ class Supervisor:
         # name replaced (only to say so when a command names one; bounded).
         self._replaced: dict[tuple[str, str], float] = {}
         self.policies = Policies(cfg)
+        # Allowlist agents' namespaces and the egress proxy (started on first use).
+        self.egress = Egress(cfg, audit)
         # Whether the guardian has killed every agent cgroup (attach_guardian).
         self._guardian_acted: Callable[[], bool] = lambda: False
 
@@ -161,6 +164,7 @@ class Supervisor:
         self.tripwires.stop()
         self.reactor.stop()
         self.failsafe.close()
+        self.egress.stop()
         for a in self._agents.values():
             a.cgroup.remove(timeout=0.5)
         self.tree.remove()
@@ -270,6 +274,7 @@ class Supervisor:
         agent_id = f"{action.name}-{secrets.token_hex(4)}"
         group = self.tree.agent(agent_id)
         sinks: list[LogSink] = []
+        agent_net = None
         try:
             group.create()
             group.apply_limits(spec.limits)
@@ -280,14 +285,21 @@ class Supervisor:
             # run (LaunchFailed) instead of leaving a started agent unwatched.
             sinks.append(LogSink(stdout_log, self.cfg.log_cap_bytes))
             sinks.append(LogSink(stderr_log, self.cfg.log_cap_bytes))
+            if spec.profile.network == "allowlist":
+                # Before the spawn: the namespace is made and its capture
+                # probed before any of the agent's code can run in it.
+                agent_net = self.egress.launch(agent_id, action.name, spec.profile.allow,
+                                               spec.profile.egress_byte_cap)
             # The shim joins the cgroups and drops to the agent's user, then
             # execs bwrap, which builds the sandbox unprivileged (daemon.sandbox).
             prepared = sandboxing.prepare(self.cfg, spec, user, list(action.argv),
-                                          name=action.name, agent_id=agent_id)
+                                          name=action.name, agent_id=agent_id,
+                                          egress=agent_net)
             try:
-                spawned = launcher.spawn(cgroup=group, argv=prepared.argv, user=user,
-                                         env=prepared.env, nofile=spec.profile.nofile,
-                                         keep_fds=prepared.keep_fds, no_new_privs=True)
+                spawned = launcher.spawn(
+                    cgroup=group, argv=prepared.argv, user=user, env=prepared.env,
+                    nofile=spec.profile.nofile, keep_fds=prepared.keep_fds, no_new_privs=True,
+                    netns_fd=agent_net.net.netns_fd if agent_net else None)
             except BaseException:
                 prepared.close_all()
                 raise
@@ -296,6 +308,7 @@ class Supervisor:
             for sink in sinks:
                 sink.close()
             self._discard_cgroup(group)
+            self.egress.forget(agent_id)
             raise
         started = time.monotonic()
         pid = spawned.proc.pid
@@ -306,12 +319,14 @@ class Supervisor:
                 stdout_log=stdout_log, stderr_log=stderr_log, proc=spawned.proc, main_pid=pid,
                 started_at=launcher.proc_start_time(pid), lease_ttl_ms=spec.lease_ms,
                 max_runtime_ms=spec.max_runtime_ms, helper_pids=frozenset({pid}),
+                egress=agent_net,
             )
             self._watch(agent, spawned, prepared, spec, started=started, sinks=sinks)
         except BaseException as err:
             # The agent runs, but nothing watches it yet: no kill, lease or
             # estop could reach it through the registry. Kill its cgroup now.
             self._discard_cgroup(group)
+            self.egress.forget(agent_id)
             spawned.proc.wait()
             for fd in (spawned.stdout_fd, spawned.stderr_fd, prepared.status_r):
                 with contextlib.suppress(OSError):
@@ -427,6 +442,7 @@ class Supervisor:
         # rather than at the reactor's next pass.
         children.reap_orphans()
         agent.mark_ended()
+        self.egress.forget(agent.id)
         group.remove()
         self.audit.append(
             "agent_ended", name=agent.name, agent_id=agent.id, state=agent.state.value,
@@ -437,6 +453,10 @@ class Supervisor:
 
     # ----------------------------------------------------------- stop/kill
     def settle(self, agent: Agent, outcome: killer.KillOutcome) -> None:
+        # The kill already closed the agent's side of every flow (its
+        # processes' sockets close as they die); this closes what a stuck
+        # process could still hold, and the upstream side at once.
+        self.egress.close_flows(agent.id)
         self.enforcer.clear(agent)
         if outcome.verified_empty and not outcome.already_ended:
             agent.set_state(State.KILLED)
@@ -459,4 +479,12 @@ class Supervisor:
 
     # -------------------------------------------------------------- freeze
     def freeze_agent(self, agent: Agent, frozen: bool) -> tuple[bool, float]:
-        return freezing.freeze_agent(agent, frozen)
+        out = freezing.freeze_agent(agent, frozen)
+        if frozen:
+            # A frozen agent's sockets stay open: its flows are closed here.
+            self.egress.close_flows(agent.id)
+        return out
+
+    def cut_agent(self, agent: Agent) -> bool:
+        """Close every flow of an allowlist agent and empty its allowlist; False if none."""
+        return self.egress.cut(agent.id)

@@ -21,6 +21,7 @@ from daemon.errors import LaunchFailed
 from daemon.sandbox import bwrap, seccomp, verify
 from daemon.sandbox.bwrap import SCRATCH, TMP, Hidden
 from daemon.sandbox.policy import agent_env
+from daemon.supervisor.egress import PROXY_ENV, AgentEgress
 from daemon.supervisor.reactor import LogSink
 from daemon.supervisor.runspec import RunSpec
 from daemon.users import AgentUser
@@ -82,6 +83,7 @@ class Prepared:
     status_r: int
     status_w: int
     view: tuple[bwrap.Mount, ...] = ()  # what the agent's mount namespace must hold
+    egress: AgentEgress | None = None
     sink: StatusSink = field(default_factory=StatusSink)
 
     @property
@@ -105,11 +107,13 @@ class Prepared:
 
 
 def prepare(cfg: Config, spec: RunSpec, user: AgentUser, argv: list[str], *,
-            name: str, agent_id: str) -> Prepared:
+            name: str, agent_id: str, egress: AgentEgress | None = None) -> Prepared:
     """bwrap's command line and the agent's environment. Raises LaunchFailed.
 
     argv[0] is replaced by spec.entrypoint.path, the absolute path that was
     resolved and hashed: bwrap then execs that file and searches no PATH.
+    egress: an allowlist agent's namespace; its proxy's address goes in the
+    environment whatever env_allow says (as AGENTD_* do).
     """
     bwrap.require()
     if not os.path.isabs(spec.entrypoint.path):
@@ -117,9 +121,12 @@ def prepare(cfg: Config, spec: RunSpec, user: AgentUser, argv: list[str], *,
     argv = [spec.entrypoint.path, *argv[1:]]
     base = {"PATH": cfg.agent_path, "HOME": SCRATCH, "USER": user.login, "LOGNAME": user.login,
             "LANG": "C.UTF-8", "TMPDIR": TMP}
-    env = agent_env(spec.profile, base, spec.env,
-                    {"AGENTD_AGENT_NAME": name, "AGENTD_AGENT_ID": agent_id})
-    fd = seccomp.bpf_fd(deny_unix=spec.profile.network == "none")
+    own = {"AGENTD_AGENT_NAME": name, "AGENTD_AGENT_ID": agent_id}
+    if egress is not None:
+        own.update(PROXY_ENV)
+    env = agent_env(spec.profile, base, spec.env, own)
+    # AF_UNIX wherever the host's network is not the agent's (seccomp.py).
+    fd = seccomp.bpf_fd(deny_unix=spec.profile.network != "host")
     try:
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
     except OSError as err:
@@ -131,7 +138,7 @@ def prepare(cfg: Config, spec: RunSpec, user: AgentUser, argv: list[str], *,
                      omit=cfg.sandbox_test_omit)
     cmd[-len(argv) - 1:-len(argv) - 1] = ["--json-status-fd", str(status_w)]
     return Prepared(argv=cmd, env=env, seccomp_fd=fd, status_r=status_r, status_w=status_w,
-                    view=view)
+                    view=view, egress=egress)
 
 
 @dataclass(frozen=True)
@@ -151,7 +158,8 @@ def inspect(group: AgentCgroup, main_pid: int, prepared: Prepared, spec: RunSpec
     pids = verify.wait_for_agent(group, main_pid, prepared.helper_cmdline(), START_TIMEOUT_S)
     want = verify.Expected(uid=user.uid, gid=user.gid, groups=user.groups,
                            network=spec.profile.network, nofile=spec.profile.nofile,
-                           limits=spec.limits, view=prepared.view)
+                           limits=spec.limits, view=prepared.view,
+                           netns_inode=prepared.egress.net.inode if prepared.egress else 0)
     if pids is None:
         # Not seen: the main process ended first, or the timeout passed.
         prepared.sink.closed.wait(1.0)
