@@ -8,7 +8,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # OS packages: systemd-python builds against libsystemd; bubblewrap (bwrap)
 # builds agents' sandboxes and libseccomp2 compiles their seccomp filter
-# (pyseccomp loads it); systemd-container serves the systemd tests.
+# (pyseccomp loads it); systemd-container serves the systemd tests; nftables
+# (nft) and iproute2 (ip) build allowlist agents' network namespaces.
 APT_PACKAGES := libsystemd-dev pkg-config python3-venv python3-dev gcc systemd-container \
                 bubblewrap libseccomp2 openssh-client nftables iproute2
 STAMP  := $(VENV)/.installed
@@ -70,6 +71,7 @@ bench: $(STAMP) ## Every benchmark at full size (tables; JSON in benchmarks/resu
 	$(PY) benchmarks/launch_latency.py
 	$(PY) benchmarks/stop_under_load.py
 	$(PY) benchmarks/idle_scale.py
+	$(PY) benchmarks/egress.py
 
 # A check, not a measurement: one repetition each, no time asserted.
 bench-smoke: $(STAMP) ## Every benchmark once at its smallest size; fails if one crashes or leaks

@@ -43,6 +43,18 @@ def may_be_http(first: bytes) -> bool:
     return not first or bool(_METHOD_START.match(first[:17]))
 
 
+def is_http_request_line(buf: bytes) -> bool | None:
+    """Whether buf's first line ends in " HTTP/1.x" (None: the line has not all come).
+
+    Tells HTTP, which is then parsed strictly, from another protocol whose
+    first word happens to be in capitals ("SET k v" to a Redis).
+    """
+    end = buf.find(b"\r\n", 0, MAX_HEAD)
+    if end < 0:
+        return None if len(buf) < MAX_HEAD else False
+    return bool(_VERSION.match(buf[:end].rsplit(b" ", 1)[-1]))
+
+
 def split_authority(raw: bytes) -> tuple[str, int | None]:
     """`host`, `host:port` or `[v6]:port` as (canonical host, port). Raises HttpError.
 

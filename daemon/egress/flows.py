@@ -1,0 +1,505 @@
+"""One agent's egress inside the service: its listeners, its resolver, its flows.
+
+Every flow is decided before a byte goes upstream: where it was going
+(SO_ORIGINAL_DST for captured flows, the request for the explicit proxy),
+what the allowlist says of that name or address and port, which real
+addresses the name was pinned to and whether those are private, and what
+the client's first bytes say (daemon.egress.inspect). Then the bytes are
+pumped with splice(2) until either side ends, a cut, or the byte cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from daemon.egress import dns, httphost, inspect, pump
+from daemon.egress.allowlist import Allowlist, IPAddress, canonical_name
+from daemon.egress.upstream import resolve_a
+
+_SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>; IP6T_SO_ORIGINAL_DST is 80 too
+FLOW_LIMIT = 256  # open flows per agent
+FIRST_BYTES_GRACE_S = 2.0  # a silent client past this is taken for a server-first protocol
+HANDSHAKE_TIMEOUT_S = 10.0  # first bytes / request head / upstream connect, each
+MAX_DNS_TCP_MESSAGES = 64  # per DNS-over-TCP connection
+PRIVATE = tuple(ipaddress.ip_network(n) for n in (
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
+    "100.64.0.0/10", "0.0.0.0/8", "fc00::/7", "fe80::/10", "::1/128", "::/128",
+))
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+Via = Literal["capture", "proxy", "dns-tcp"]
+Emit = Callable[[dict[str, Any]], None]
+
+
+class Denied(Exception):
+    """A flow refused, with the reason an on-call engineer reads."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
+@dataclass(eq=False)  # identity: flows live in a set
+class Flow:
+    via: Via
+    port: int = 0
+    name: str | None = None
+    addr: str | None = None
+    bytes_out: int = 0
+    bytes_in: int = 0
+    started: float = field(default_factory=time.monotonic)
+    task: asyncio.Task[None] | None = None
+    opened: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    resolvers: list[tuple[str, int]]
+    private_ok: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    inspector: inspect.Inspector = field(default_factory=inspect.SniHostInspector)
+
+
+def original_dst(sock: socket.socket) -> tuple[IPAddress, int]:
+    """Where a redirected connection was going (netfilter's SO_ORIGINAL_DST). Raises OSError."""
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, _SO_ORIGINAL_DST, 28)
+        port = struct.unpack_from(">H", raw, 2)[0]
+        return ipaddress.IPv6Address(raw[8:24]), port
+    raw = sock.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
+    port = struct.unpack_from(">H", raw, 2)[0]
+    return ipaddress.IPv4Address(raw[4:8]), port
+
+
+class AgentEgress:
+    """The service's state for one agent; runs on the service's one event loop."""
+
+    def __init__(self, agent_id: str, name: str, allow: Allowlist, *,
+                 socks: dict[str, socket.socket], byte_cap: int, settings: Settings,
+                 emit: Emit) -> None:
+        self.id = agent_id
+        self.name = name
+        self.allow = allow
+        self.socks = socks
+        self.byte_cap = byte_cap
+        self.bytes_used = 0
+        self.settings = settings
+        self._emit = emit
+        self.table = dns.SyntheticTable()
+        self.flows: set[Flow] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------ life
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for role, sock in self.socks.items():
+            if role in ("tcp4", "tcp6"):
+                self._tasks.append(loop.create_task(self._accept(sock, "capture")))
+            elif role == "proxy":
+                self._tasks.append(loop.create_task(self._accept(sock, "proxy")))
+            elif role in ("dns4", "dns6"):
+                self._tasks.append(loop.create_task(self._udp_dns(sock)))
+
+    def cut(self, *, empty: bool) -> None:
+        """Close every flow now; empty=True also empties the allowlist."""
+        if empty:
+            self.allow = Allowlist()
+        for flow in list(self.flows):
+            if flow.task is not None:
+                flow.task.cancel()
+
+    def remove(self) -> None:
+        self.cut(empty=True)
+        for t in self._tasks:
+            t.cancel()
+        for sock in self.socks.values():
+            sock.close()
+
+    # ------------------------------------------------------------ events
+    def _flow_event(self, flow: Flow, verdict: str, reason: str, phase: str) -> None:
+        self._emit({
+            "kind": "flow", "agent": self.id, "verdict": verdict, "reason": reason,
+            "name": flow.name, "addr": flow.addr, "port": flow.port, "via": flow.via,
+            "phase": phase, "bytes_out": flow.bytes_out, "bytes_in": flow.bytes_in,
+            "duration_s": round(time.monotonic() - flow.started, 6),
+        })
+
+    # ------------------------------------------------------------ accept
+    async def _accept(self, listener: socket.socket, via: Via) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError:
+                # EMFILE and the like: back off rather than spin; the flow
+                # limit normally keeps us far from it.
+                await asyncio.sleep(0.05)
+                continue
+            conn.setblocking(False)
+            flow = Flow(via=via)
+            if len(self.flows) >= FLOW_LIMIT:
+                conn.close()
+                self._flow_event(flow, "denied", f"flow limit ({FLOW_LIMIT}) reached", "close")
+                continue
+            self.flows.add(flow)
+            flow.task = loop.create_task(self._run(flow, conn))
+
+    async def _run(self, flow: Flow, conn: socket.socket) -> None:
+        upstream: socket.socket | None = None
+        reason = "closed"
+        try:
+            if flow.via == "proxy":
+                upstream, first = await self._proxy_open(flow, conn)
+            else:
+                dst, port = original_dst(conn)
+                flow.port = port
+                if port == 53:
+                    flow.via = "dns-tcp"
+                    flow.addr = str(dst)
+                    await self._dns_tcp(conn)
+                    return
+                upstream, first = await self._capture_open(flow, conn, dst, port)
+            flow.opened = True
+            self._flow_event(flow, "allowed", "in the allowlist", "open")
+            if first:
+                await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(upstream, first),
+                                       HANDSHAKE_TIMEOUT_S)
+                flow.bytes_out += len(first)
+                self._spend(len(first))
+            reason = await self._pump(flow, conn, upstream)
+        except Denied as err:
+            reason = str(err)
+        except asyncio.CancelledError:
+            # Not re-raised: this task is the flow's own, and its end is here.
+            reason = self._cap_reason() if self._capped() else "cut"
+        except (OSError, TimeoutError) as err:
+            reason = f"connection error: {_why(err)}"
+        finally:
+            conn.close()
+            if upstream is not None:
+                upstream.close()
+            self.flows.discard(flow)
+            if flow.via != "dns-tcp":
+                self._flow_event(flow, "allowed" if flow.opened else "denied", reason, "close")
+
+    # ------------------------------------------------------------ decisions
+    def _capped(self) -> bool:
+        return bool(self.byte_cap) and self.bytes_used >= self.byte_cap
+
+    def _cap_reason(self) -> str:
+        return f"byte cap of {_mib(self.byte_cap)} reached"
+
+    def _spend(self, n: int) -> None:
+        self.bytes_used += n
+        if self._capped():
+            self.cut(empty=False)
+
+    def _name_ports(self, name: str, port: int) -> None:
+        if self.allow.allows_name(name, port):
+            return
+        others = [e.text for e in self.allow.name_entries(name)]
+        also = f" (it allows {', '.join(others)})" if others else ""
+        raise Denied(f"{name}:{port} is not in the allowlist{also}")
+
+    def _private_ok(self, addr: IPAddress) -> bool:
+        a = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) and \
+            addr.ipv4_mapped else addr
+        if not any(a.version == n.version and a in n for n in PRIVATE):
+            return True
+        return self.allow.names_addr(a) or any(
+            a.version == n.version and a in n for n in self.settings.private_ok)
+
+    def _pick(self, name: str, pinned: tuple[ipaddress.IPv4Address, ...]) -> list[IPAddress]:
+        ok: list[IPAddress] = [a for a in pinned if self._private_ok(a)]
+        if not ok:
+            if pinned:
+                raise Denied(f"private address {pinned[0]} for {name} "
+                             "(set egress_private_ranges_ok)")
+            raise Denied(f"{name} has no address")
+        return ok
+
+    async def _connect(self, addrs: list[IPAddress], port: int) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        last: OSError | None = None
+        for addr in addrs:
+            s = socket.socket(socket.AF_INET6 if addr.version == 6 else socket.AF_INET,
+                              socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+            try:
+                await asyncio.wait_for(loop.sock_connect(s, (str(addr), port)),
+                                       HANDSHAKE_TIMEOUT_S)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return s
+            except (OSError, TimeoutError) as err:
+                s.close()
+                last = err if isinstance(err, OSError) else OSError(f"timeout to {addr}")
+        raise Denied(f"upstream connection failed: {last}")
+
+    async def _first_bytes(self, conn: socket.socket, name: str, port: int,
+                           have: bytes = b"") -> bytes:
+        """Read until the inspector decides; returns what was read (to send upstream).
+
+        `have`: bytes already read (what followed a CONNECT's head)."""
+        loop = asyncio.get_running_loop()
+        buf = have
+        start = loop.time()
+        while True:
+            waited = loop.time() - start
+            quiet = not buf and waited >= FIRST_BYTES_GRACE_S
+            verdict = self.settings.inspector.judge(name, port, buf, quiet=quiet)
+            if isinstance(verdict, inspect.Deny):
+                raise Denied(verdict.reason)
+            if isinstance(verdict, inspect.Pass):
+                return buf
+            limit = (FIRST_BYTES_GRACE_S if not buf else HANDSHAKE_TIMEOUT_S) - waited
+            if limit <= 0:
+                raise Denied(f"no complete TLS ClientHello or HTTP request in "
+                             f"{HANDSHAKE_TIMEOUT_S:g} s")
+            try:
+                chunk = await asyncio.wait_for(
+                    loop.sock_recv(conn, inspect.MAX_FIRST_BYTES - len(buf)), limit)
+            except TimeoutError:
+                continue
+            if not chunk:
+                raise Denied("the client closed before it was judged")
+            buf += chunk
+            if len(buf) >= inspect.MAX_FIRST_BYTES:
+                verdict = self.settings.inspector.judge(name, port, buf, quiet=False)
+                if isinstance(verdict, inspect.Pass):
+                    return buf
+                raise Denied(verdict.reason if isinstance(verdict, inspect.Deny)
+                             else f"first {len(buf)} bytes decided nothing")
+
+    async def _named(self, flow: Flow, conn: socket.socket, name: str, *,
+                     pinned: tuple[ipaddress.IPv4Address, ...], port: int,
+                     first: bytes | None = None) -> tuple[socket.socket, bytes]:
+        """Connect a flow to name:port; first: bytes already judged (None: judge now)."""
+        flow.name = name
+        self._name_ports(name, port)
+        addrs = self._pick(name, pinned)
+        if first is None:
+            first = await self._first_bytes(conn, name, port)
+        if self._capped():
+            raise Denied(self._cap_reason())
+        upstream = await self._connect(addrs, port)
+        flow.addr = str(upstream.getpeername()[0])
+        return upstream, first
+
+    async def _by_address(self, flow: Flow, addr: IPAddress,
+                          port: int) -> tuple[socket.socket, bytes]:
+        flow.addr = str(addr)
+        if not self.allow.allows_addr(addr, port):
+            raise Denied(f"IP literal {_hostport(addr, port)}: only CIDR entries allow "
+                         "addresses")
+        if self._capped():
+            raise Denied(self._cap_reason())
+        return await self._connect([addr], port), b""
+
+    async def _capture_open(self, flow: Flow, conn: socket.socket, dst: IPAddress,
+                            port: int) -> tuple[socket.socket, bytes]:
+        if self._capped():
+            flow.addr = str(dst)
+            raise Denied(self._cap_reason())
+        mapping = self.table.lookup(dst)
+        if mapping is not None:
+            return await self._named(flow, conn, mapping.name, pinned=mapping.pinned,
+                                     port=port)
+        flow.addr = str(dst)
+        if isinstance(dst, ipaddress.IPv4Address) and dst in dns.SYNTHETIC:
+            raise Denied(f"{dst} is no name's address (a stale DNS answer?)")
+        if any(dst.version == n.version and dst in n for n in LOOPBACK):
+            # The ruleset returns loopback before the redirect: a captured
+            # flow "to" loopback was a connect to the listener itself.
+            raise Denied("connection to agentd's own socket")
+        return await self._by_address(flow, dst, port)
+
+    # ------------------------------------------------------------ explicit proxy
+    async def _proxy_open(self, flow: Flow,
+                          conn: socket.socket) -> tuple[socket.socket, bytes]:
+        loop = asyncio.get_running_loop()
+        buf = b""
+        deadline = loop.time() + HANDSHAKE_TIMEOUT_S
+        while True:
+            try:
+                req = httphost.parse_request_head(buf)
+            except httphost.HttpError as err:
+                await _proxy_refuse(conn, 400, f"malformed proxy request: {err}")
+                raise Denied(f"malformed proxy request: {err}") from None
+            if req is not None:
+                break
+            left = deadline - loop.time()
+            if left <= 0:
+                raise Denied("no proxy request head in time")
+            chunk = await asyncio.wait_for(loop.sock_recv(conn, httphost.MAX_HEAD), left)
+            if not chunk:
+                raise Denied("the client closed before it was judged")
+            buf += chunk
+        assert req.host is not None
+        port = req.port or (443 if req.method == "CONNECT" else 80)
+        flow.port = port
+        if req.method != "CONNECT" and not req.absolute:
+            await _proxy_refuse(conn, 400, "not a proxy request (CONNECT or http://...)")
+            raise Denied("not a proxy request")
+        try:
+            upstream, first = await self._proxy_target(flow, conn, req, buf,
+                                                       host=req.host, port=port)
+        except Denied as err:
+            await _proxy_refuse(conn, 403, str(err))
+            raise
+        return upstream, first
+
+    async def _proxy_target(self, flow: Flow, conn: socket.socket, req: httphost.Request,
+                            buf: bytes, *, host: str, port: int) -> tuple[socket.socket, bytes]:
+        try:
+            addr: IPAddress | None = ipaddress.ip_address(host)
+        except ValueError:
+            addr = None
+        if self._capped():
+            raise Denied(self._cap_reason())
+        if req.method == "CONNECT":
+            rest = buf[req.head_len:]
+            if addr is not None:
+                upstream, _ = await self._by_address(flow, addr, port)
+                await asyncio.get_running_loop().sock_sendall(
+                    conn, b"HTTP/1.1 200 Connection established\r\n\r\n")
+                return upstream, rest
+            name = canonical_name(host)
+            self._name_ports(name, port)
+            flow.name = name
+            pinned = await self._resolve(name)
+            self._pick(name, pinned)
+            # The tunnel's first bytes are judged like a captured flow's: the
+            # 200 goes first, since the client sends its hello only after it.
+            await asyncio.get_running_loop().sock_sendall(
+                conn, b"HTTP/1.1 200 Connection established\r\n\r\n")
+            first = await self._first_bytes(conn, name, port, have=rest)
+            return await self._named(flow, conn, name, pinned=pinned, port=port,
+                                     first=first)
+        # Absolute-form plain HTTP: the first request goes out in origin form.
+        target_end = buf.index(b" ", buf.index(b" ") + 1)
+        target = buf[buf.index(b" ") + 1: target_end]
+        path = b"/" + target[7:].split(b"/", 1)[1] if b"/" in target[7:] else b"/"
+        head = buf[: buf.index(b" ") + 1] + path + buf[target_end:]
+        if addr is not None:
+            upstream, _ = await self._by_address(flow, addr, port)
+            return upstream, head
+        name = canonical_name(host)
+        self._name_ports(name, port)
+        flow.name = name
+        return await self._named(flow, conn, name, pinned=await self._resolve(name),
+                                 port=port, first=head)
+
+    async def _resolve(self, name: str) -> tuple[ipaddress.IPv4Address, ...]:
+        try:
+            real = await resolve_a(name, self.settings.resolvers)
+        except OSError as err:
+            raise Denied(f"cannot resolve {name}: {err}") from None
+        self.table.pin(name, tuple(real))
+        return tuple(real)
+
+    # ------------------------------------------------------------ DNS
+    async def _upstream(self, name: str) -> list[ipaddress.IPv4Address]:
+        return await resolve_a(name, self.settings.resolvers)
+
+    async def _answer(self, data: bytes) -> bytes | None:
+        out = await dns.answer(data, self.allow, self.table, self._upstream)
+        if out.name or out.reply is not None:
+            self._emit({"kind": "dns", "agent": self.id, "name": out.name,
+                        "qtype": out.qtype, "verdict": out.verdict, "reason": out.reason})
+        return out.reply
+
+    async def _udp_dns(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        pending: set[asyncio.Task[None]] = set()
+        while True:
+            data, peer = await loop.sock_recvfrom(sock, dns.MAX_QUERY + 1)
+            if len(pending) >= FLOW_LIMIT:
+                continue  # a flood of queries: drop, as a busy resolver would
+
+            async def one(data: bytes = data, peer: Any = peer) -> None:
+                reply = await self._answer(data)
+                if reply is not None:
+                    with contextlib.suppress(OSError):
+                        await loop.sock_sendto(sock, reply, peer)
+
+            t = loop.create_task(one())
+            pending.add(t)
+            t.add_done_callback(pending.discard)
+
+    async def _dns_tcp(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(MAX_DNS_TCP_MESSAGES):
+            head = await _recv_exactly(conn, 2, HANDSHAKE_TIMEOUT_S)
+            if head is None:
+                return
+            n = struct.unpack(">H", head)[0]
+            data = await _recv_exactly(conn, n, HANDSHAKE_TIMEOUT_S)
+            if data is None:
+                return
+            reply = await self._answer(data)
+            if reply is None:
+                return
+            await loop.sock_sendall(conn, struct.pack(">H", len(reply)) + reply)
+
+    # ------------------------------------------------------------ pumping
+    def _budget(self, want: int) -> int:
+        if not self.byte_cap:
+            return want
+        return max(0, min(want, self.byte_cap - self.bytes_used))
+
+    async def _pump(self, flow: Flow, conn: socket.socket, upstream: socket.socket) -> str:
+        def out(n: int) -> None:
+            flow.bytes_out += n
+            self._spend(n)
+
+        def into(n: int) -> None:
+            flow.bytes_in += n
+            self._spend(n)
+
+        a = asyncio.ensure_future(pump.one_way(conn, upstream, self._budget, out))
+        b = asyncio.ensure_future(pump.one_way(upstream, conn, self._budget, into))
+        try:
+            results = await asyncio.gather(a, b)
+        except asyncio.CancelledError:
+            a.cancel()
+            b.cancel()
+            raise
+        if "cap" in results or self._capped():
+            return self._cap_reason()
+        return "closed"
+
+
+def _why(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err) or type(err).__name__
+
+
+def _hostport(addr: IPAddress, port: int) -> str:
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+async def _recv_exactly(conn: socket.socket, n: int, timeout: float) -> bytes | None:
+    loop = asyncio.get_running_loop()
+    buf = b""
+    while len(buf) < n:
+        chunk = await asyncio.wait_for(loop.sock_recv(conn, n - len(buf)), timeout)
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+async def _proxy_refuse(conn: socket.socket, status: int, reason: str) -> None:
+    body = (reason + "\n").encode("utf-8", "replace")
+    head = (f"HTTP/1.1 {status} {'Forbidden' if status == 403 else 'Bad Request'}\r\n"
+            f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    with contextlib.suppress(OSError, TimeoutError):
+        await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(conn, head + body), 1.0)
