@@ -69,8 +69,11 @@ table inet agentd {{
   }}
 }}
 """
-# iproute2 infers the family of each route from its prefix.
-_IP_BATCH = "link set lo up\nroute add default dev lo\nroute add ::/0 dev lo\n"
+# iproute2 infers the family of each route from its prefix. The src: without
+# it a connection leaves from 0.0.0.0, and the listener's replies to 0.0.0.0
+# never arrive (the handshake completes, then every flow stalls).
+_IP_BATCH = ("link set lo up\nroute add default dev lo src 127.0.0.1\n"
+             "route add ::/0 dev lo src ::1\n")
 
 ROLES = ("tcp4", "tcp6", "dns4", "dns6", "proxy")
 

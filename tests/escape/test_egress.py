@@ -103,7 +103,8 @@ def test_egress_escapes_are_contained(egress_daemon: Daemon, upstream: Upstream,
     """Every way past the allowlist is closed; what it names works; the host's servers agree."""
     d = egress_daemon
     # The service starts with the first allowlist agent: a warm-up run makes it exist.
-    warm = _launch(d, egress_programs, "egress-warm", "bystander.py", {}, [])
+    warm = _launch(d, egress_programs, "egress-warm", "bystander.py", {},
+                   _allow(upstream, "echo"))
     proxy = _proxy_pid(d)
     d.kill(warm.name)
     before = upstream.snapshot()

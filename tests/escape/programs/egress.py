@@ -41,8 +41,10 @@ def _recv_all(s, limit=65536):
 def http(host, port, host_header, via_proxy=False):
     def go():
         with socket.create_connection((host, port), timeout=10) as s:
-            target = f"http://{host_header}:{port}/{TAG}" if via_proxy else f"/{TAG}"
-            s.sendall(f"GET {target} HTTP/1.1\r\nHost: {host_header}\r\n"
+            # Through the proxy, as curl does: absolute form, Host with the port.
+            authority = f"{host_header}:{P['http']}" if via_proxy else host_header
+            target = f"http://{authority}/{TAG}" if via_proxy else f"/{TAG}"
+            s.sendall(f"GET {target} HTTP/1.1\r\nHost: {authority}\r\n"
                       "Connection: close\r\n\r\n".encode("utf-8", "surrogateescape"))
             data = _recv_all(s)
         if b"hello from upstream" in data:
@@ -53,7 +55,11 @@ def http(host, port, host_header, via_proxy=False):
 
 def tcp_echo(host, port, payload=None):
     def go():
-        with socket.create_connection((host, port), timeout=10) as s:
+        try:
+            s = socket.create_connection((host, port), timeout=10)
+        except socket.gaierror as err:
+            raise Blocked(f"gaierror-{err.errno}") from None
+        with s:
             s.sendall(payload or f"{TAG}\n".encode())
             s.settimeout(5)
             try:
