@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,7 +71,7 @@ def _allow(upstream: Upstream, *names: str) -> list[str]:
 
 
 def _launch(daemon: Daemon, programs: Path, name: str, program: str, targets: dict[str, object],
-            allow: list[str]) -> agentd_pb2.Agent:
+            *, allow: list[str]) -> agentd_pb2.Agent:
     """An allowlist agent, signed by an admin with a reason (an allowlist is an escalation)."""
     overrides = agentd_pb2.PolicyOverrides(bind_ro=[str(programs)], allow=allow)
     import json
@@ -104,13 +103,13 @@ def test_egress_escapes_are_contained(egress_daemon: Daemon, upstream: Upstream,
     d = egress_daemon
     # The service starts with the first allowlist agent: a warm-up run makes it exist.
     warm = _launch(d, egress_programs, "egress-warm", "bystander.py", {},
-                   _allow(upstream, "echo"))
+                   allow=_allow(upstream, "echo"))
     proxy = _proxy_pid(d)
     d.kill(warm.name)
     before = upstream.snapshot()
     agent = _launch(d, egress_programs, "egress-escape", "egress.py",
                     {"ports": upstream.ports, "proxy_pid": proxy},
-                    _allow(upstream, "http", "tls", "echo"))
+                    allow=_allow(upstream, "http", "tls", "echo"))
     try:
         report = runner.wait_report(d, agent, timeout=120)
         heard = upstream.snapshot()
@@ -178,7 +177,7 @@ def test_egress_escapes_are_contained(egress_daemon: Daemon, upstream: Upstream,
 
 def _hold(d: Daemon, programs: Path, upstream: Upstream, name: str) -> agentd_pb2.Agent:
     agent = _launch(d, programs, name, "egress_hold.py", {"ports": upstream.ports},
-                    _allow(upstream, "echo"))
+                    allow=_allow(upstream, "echo"))
     runner.wait_report(d, agent, until="connected", timeout=60)
     return agent
 
@@ -260,7 +259,7 @@ def test_egress_denied_tripwire_kills(upstream: Upstream, egress_programs: Path)
     d = _daemon(root / "dev", upstream, rules)
     try:
         agent = _launch(d, egress_programs, "egress-trip", "egress_hold.py",
-                        {"ports": upstream.ports, "probe": 50}, _allow(upstream, "echo"))
+                        {"ports": upstream.ports, "probe": 50}, allow=_allow(upstream, "echo"))
         assert wait_for(lambda: d.get(agent.name).state == agentd_pb2.AGENT_STATE_KILLED, 60)
         ended = d.get(agent.name)
         assert ended.end_reason.startswith("tripwire"), ended.end_reason

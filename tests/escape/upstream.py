@@ -15,6 +15,7 @@ import struct
 import tempfile
 import threading
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
@@ -111,7 +112,7 @@ class Upstream:
 
     # ------------------------------------------------------------------ TCP
     def _tls_context(self) -> ssl.SSLContext:
-        from datetime import datetime, timedelta, timezone
+        from datetime import datetime, timedelta
 
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
@@ -120,7 +121,7 @@ class Upstream:
 
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"tls.{ZONE}")])
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
                 .not_valid_before(now - timedelta(days=1))

@@ -44,7 +44,7 @@ def test_a_profile_keeps_the_defaults_it_does_not_set() -> None:
 
 @pytest.mark.parametrize(("data", "words"), [
     ({"netwrok": "none"}, "wide.toml: unknown key 'netwrok'"),
-    ({"network": "bridge"}, "wide.toml: network must be one of none, host"),
+    ({"network": "bridge"}, "wide.toml: network must be one of none, allowlist, host"),
     ({"memory": "lots"}, "wide.toml: memory must be a size"),
     ({"memory": 1024}, "below the 4 MiB floor"),
     ({"pids": -1}, "wide.toml: pids must be an integer"),
@@ -214,3 +214,55 @@ def test_seccomp_filter_is_whole_bpf_and_covers_the_list() -> None:
             os.write(fd, b"x" * 8)  # sealed
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------ allowlists
+def test_allow_implies_allowlist_and_is_looser_than_none() -> None:
+    run = agentd_pb2.RunAction(name="a", argv=["/bin/true"])
+    run.overrides.allow.extend(["API.Example.com:443", "10.1.2.0/24:5432"])
+    profile, _ = apply(BASE, run)
+    assert profile.network == "allowlist"
+    assert profile.allow == ("api.example.com:443", "10.1.2.0/24:5432")
+    found = looser(profile, BASE)
+    assert "network allowlist" in found
+    assert any(f.startswith("allow api.example.com:443") for f in found)
+
+
+def test_allow_within_the_defaults_list_is_not_looser() -> None:
+    default = Profile(name="default", network="allowlist",
+                      allow=("*.example.com:443", "pypi.org:443"))
+    run = agentd_pb2.RunAction(name="a", argv=["/bin/true"])
+    run.overrides.allow.append("api.example.com:443")
+    profile, _ = apply(default, run)
+    assert looser(profile, default) == []
+    run.overrides.allow.append("api.example.com:80")
+    profile, _ = apply(default, run)
+    assert looser(profile, default) == ["allow api.example.com:80"]
+
+
+@pytest.mark.parametrize(("entry", "words"), [
+    ("api.example.com", "no port"),
+    ("evil\0.example.com:443", "allow entry"),
+    ("*.com:443", "wildcard"),
+])
+def test_bad_allow_entries_are_refused(entry: str, words: str) -> None:
+    run = agentd_pb2.RunAction(name="a", argv=["/bin/true"])
+    run.overrides.allow.append(entry)
+    with pytest.raises(InvalidArgument, match=words):
+        apply(BASE, run)
+
+
+def test_allow_with_host_network_is_refused() -> None:
+    run = agentd_pb2.RunAction(name="a", argv=["/bin/true"])
+    run.overrides.network = "host"
+    run.overrides.allow.append("api.example.com:443")
+    with pytest.raises(InvalidArgument, match="needs network"):
+        apply(BASE, run)
+
+
+def test_profile_allow_needs_allowlist_network() -> None:
+    with pytest.raises(PolicyError, match="allow needs network"):
+        parse({"allow": ["api.example.com:443"]}, name="p", source="p.toml", base=BASE)
+    p = parse({"network": "allowlist", "allow": ["api.example.com:443"],
+               "egress_byte_cap": "1G"}, name="p", source="p.toml", base=BASE)
+    assert p.allow == ("api.example.com:443",) and p.egress_byte_cap == 1 << 30

