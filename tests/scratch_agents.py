@@ -40,6 +40,7 @@ class ScratchAgent:
     is_ended: bool = False
     removed: bool = False  # killed, reaped and its cgroup removed
     helper_pids: frozenset[int] = frozenset()  # no sandbox here: no bwrap processes
+    egress: None = None  # no allowlist: no egress counters
 
 
 class ScratchAgents:

@@ -82,6 +82,7 @@ def test_shipped_config_loads_and_documents_every_setting() -> None:
         if m:
             shown = tomllib.loads(m.group(1))[f.name]
             default = getattr(defaults, f.name)
+            default = list(default) if isinstance(default, tuple) else default  # TOML arrays
             assert shown == (str(default) if isinstance(default, Path) else default), f.name
 
 
@@ -351,6 +352,14 @@ def test_daemon_and_agents_under_the_units_sandbox(deployed: Deployment) -> None
     checks = d.ctl_json("status", "sleeper")["sandbox"]["checks"]
     assert checks and all(c["ok"] for c in checks), checks
     d.ctl("kill", "sleeper")
+    # An allowlist agent too: under the unit's capability bounding set the
+    # daemon makes, configures and probes its network namespace.
+    d.ctl("run", "--name", "fenced", "--allow", "192.0.2.0/24:443", "--reason", "unit test",
+          "--", "/bin/sleep", "1000")
+    fenced = d.ctl_json("status", "fenced")["sandbox"]
+    assert fenced["network"] == "allowlist", fenced
+    assert fenced["checks"] and all(c["ok"] for c in fenced["checks"]), fenced["checks"]
+    d.ctl("kill", "fenced")
 
 
 @needs_container

@@ -169,9 +169,9 @@ def _run(argv: list[str], stdin: str, what: str) -> None:
         proc.wait()
         raise NetnsError(f"{what} did not finish configuring the namespace") from None
     if proc.returncode != 0:
-        said = err.decode("utf-8", "replace").strip().splitlines()
+        said = "; ".join(err.decode("utf-8", "replace").split("\n")).strip("; ")
         raise NetnsError(f"{what} failed to configure the namespace: "
-                         f"{said[-1] if said else f'exit {proc.returncode}'}")
+                         f"{said[:400] if said else f'exit {proc.returncode}'}")
 
 
 def _sockets() -> dict[str, int]:

@@ -125,6 +125,10 @@ class Container:
             "--keep-unit", f"--machine={self.name}", "--console=pipe",
             *(f"--bind={src}:{dst}" for src, dst in self.binds),
             *(f"--bind-ro={src}:{dst}" for src, dst in self.binds_ro),
+            # nspawn keeps CAP_NET_ADMIN only with --private-network
+            # (systemd-nspawn(1)); a host has it, and the daemon needs it to
+            # configure allowlist agents' network namespaces (docs/egress.md).
+            "--capability=CAP_NET_ADMIN",
             # Arguments after the options go to the container's init, which
             # reads them as its kernel command line (systemd(1)). basic.target
             # skips the host's enabled services (getty, databases...). The
