@@ -142,7 +142,7 @@ class AgentCgroup:
             raise
 
     def open_events(self) -> int:
-        """A new descriptor of cgroup.events, for one waiter; -1 if the cgroup is gone."""
+        """A new descriptor of cgroup.events, for one waiter; -1 if it cannot be opened."""
         try:
             return fs.open_handle(self.v2 / "cgroup.events", write=False)
         except CgroupError:
@@ -499,34 +499,49 @@ def _wait_notified(groups: list[AgentCgroup], deadline: float) -> dict[AgentCgro
     ... "a value change in this file generates a file modified event").
     Each group gets a descriptor of its own here, opened before its first
     read: the agent's held one is read by others (the reaper), and a read
-    there would consume the change this wait is for. A group whose file
-    cannot be opened (removed) is empty.
+    there would consume the change this wait is for. A group for which no
+    descriptor can be opened is polled through its held one.
     """
     emptied: dict[AgentCgroup, float] = {}
     by_fd: dict[int, AgentCgroup] = {}
+    # Groups no descriptor could be opened for (EMFILE, say): read through
+    # their held handle (populated()) on every pass instead, never assumed empty.
+    unwatched: list[AgentCgroup] = []
     ep = select.epoll()
     try:
         for g in groups:
             fd = g.open_events()
             if fd < 0:
-                emptied[g] = time.monotonic()
+                if g.populated():
+                    unwatched.append(g)
+                else:
+                    emptied[g] = time.monotonic()
                 continue
             by_fd[fd] = g
             ep.register(fd, select.EPOLLPRI)
             if not g.populated_at(fd):
                 emptied[g] = time.monotonic()
                 _forget(ep, by_fd, fd)
-        while by_fd:
+        while by_fd or unwatched:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            ready = [fd for fd, _ in ep.poll(min(left, _SWEEP_S))]
+            wait = min(left, _SWEEP_S if not unwatched else 1e-3)
+            if by_fd:
+                ready = [fd for fd, _ in ep.poll(wait)]
+            else:
+                ready = []
+                time.sleep(wait)
             # No change reported within the sweep interval: re-read them all.
             for fd in ready or list(by_fd):
                 g = by_fd[fd]
                 if not g.populated_at(fd):
                     emptied[g] = time.monotonic()
                     _forget(ep, by_fd, fd)
+            for g in list(unwatched):
+                if not g.populated():
+                    emptied[g] = time.monotonic()
+                    unwatched.remove(g)
     finally:
         for fd in by_fd:
             fs.close_handle(fd)
