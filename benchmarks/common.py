@@ -27,6 +27,10 @@ if str(REPO) not in sys.path:
 
 from tests.harness import BENCH_PREFIX, Daemon  # noqa: E402 - needs REPO on sys.path
 
+# The raw baselines' sandboxes run as this uid: below agentd's dynamic range,
+# never one of its agents (launch_latency's BENCH_UID is another).
+SANDBOX_UID = 61151
+
 
 @contextmanager
 def dev_daemon(**kw: Any) -> Iterator[Daemon]:
@@ -125,6 +129,32 @@ class Scratch:
         if wait:
             wait_count(cg / "cgroup.procs", n)
         return cg, proc
+
+    def spawn_sandboxed(self, n: int, *, uid: int = SANDBOX_UID) -> Path:
+        """n processes in bwrap's sandbox (agentd's flags), in a fresh child cgroup.
+
+        What agentd's raw baselines kill: the same trees it launches (bwrap's
+        outer process and its init beside the n, its namespaces and mounts),
+        not bare processes. The shell joins the cgroup as root, then setpriv
+        drops to uid and execs bwrap. Does not wait for the tree.
+        """
+        from daemon.sandbox import bwrap, seccomp
+        from daemon.sandbox.policy import Profile
+
+        cg = self.base / uuid.uuid4().hex[:8]
+        cg.mkdir()
+        fd = seccomp.bpf_fd()
+        try:
+            argv = bwrap.argv(Profile(name="default"), ["/bin/sh", "-c", tree_script(n, 0)],
+                              seccomp_fd=fd, hidden=[], uid=uid)
+            script = (f'echo $$ > {cg}/cgroup.procs && exec setpriv --reuid={uid} '
+                      f'--regid={uid} --clear-groups "$@"')
+            proc = subprocess.Popen(["/bin/sh", "-c", script, "sh", *argv], pass_fds=(fd,),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        finally:
+            os.close(fd)
+        self._procs.append(proc)
+        return cg
 
     def cleanup(self) -> None:
         """Kill and remove every cgroup made here."""

@@ -12,10 +12,12 @@ cgroup-v2.rst), so the daemon first moves itself into a leaf
 from __future__ import annotations
 
 import os
+import select
 import signal
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +140,18 @@ class AgentCgroup:
             if not fs.exists(self.v2):
                 return False
             raise
+
+    def open_events(self) -> int:
+        """A new descriptor of cgroup.events, for one waiter; -1 if it cannot be opened."""
+        try:
+            return fs.open_handle(self.v2 / "cgroup.events", write=False)
+        except CgroupError:
+            return -1
+
+    def populated_at(self, fd: int) -> bool:
+        """populated, read through fd (from open_events); a removed cgroup is empty."""
+        text = fs.read_handle(fd, self.v2 / "cgroup.events")
+        return text is not None and "populated 1" in text
 
     def memory_bytes(self) -> int:
         """Memory in use, from whichever hierarchy holds memory; 0 if none does."""
@@ -433,15 +447,33 @@ class AgentTree:
         return ok
 
 
+# Up to this many groups are polled (a pread of each per pass, backoff from
+# 20 us); more are waited on through epoll (see _wait_notified).
+_POLL_MAX = 16
+# The longest wait for a notification before every pending group is re-read
+# anyway: cgroup.events notifications are rate-limited to one per ~10 ms a
+# file (cgroup_file_notify, CGROUP_FILE_NOTIFY_MIN_INTV), never dropped.
+_SWEEP_S = 0.01
+
+
 def wait_all_empty(groups: Iterable[AgentCgroup], deadline: float) -> dict[AgentCgroup, float]:
-    """Poll every group until each is empty or the monotonic deadline passes.
+    """Wait until every group is empty or the monotonic deadline passes.
 
     Returns when (monotonic) each group was seen empty; groups missing from the
-    result were still populated at the deadline. One loop over all of them:
+    result were still populated at the deadline. One wait for all of them:
     waiting on each in turn would let the last group's wait include every
     earlier one's backoff.
+
+    A few groups are polled: a kill of one small agent empties in a fraction
+    of a millisecond, and a wait on the notification alone turned 0.2 ms
+    into 14 ms (FIELD-NOTES). Many are waited on through epoll on their
+    cgroup.events: one pass over a thousand groups costs milliseconds of the
+    interpreter, which polling would spend again every millisecond while the
+    kernel tears the agents down on the same CPUs.
     """
     pending = list(groups)
+    if len(pending) > _POLL_MAX:
+        return _wait_notified(pending, deadline)
     emptied: dict[AgentCgroup, float] = {}
     delay = 20e-6
     while pending:
@@ -459,10 +491,123 @@ def wait_all_empty(groups: Iterable[AgentCgroup], deadline: float) -> dict[Agent
     return emptied
 
 
-def kill_all(groups: Iterable[AgentCgroup]) -> None:
-    """Write cgroup.kill to every group before waiting on any (estop, shutdown)."""
-    for g in groups:
-        try:
-            g.kill()
-        except CgroupError:
-            continue
+def _wait_notified(groups: list[AgentCgroup], deadline: float) -> dict[AgentCgroup, float]:
+    """wait_all_empty for many groups: one epoll set of their cgroup.events.
+
+    kernfs reports EPOLLPRI on a cgroup.events descriptor once the file
+    changed since that descriptor last read it (cgroup-v2.rst: "populated"
+    ... "a value change in this file generates a file modified event").
+    Each group gets a descriptor of its own here, opened before its first
+    read: the agent's held one is read by others (the reaper), and a read
+    there would consume the change this wait is for. A group for which no
+    descriptor can be opened is polled through its held one.
+    """
+    emptied: dict[AgentCgroup, float] = {}
+    by_fd: dict[int, AgentCgroup] = {}
+    # Groups no descriptor could be opened for (EMFILE, say): read through
+    # their held handle (populated()) on every pass instead, never assumed empty.
+    unwatched: list[AgentCgroup] = []
+    ep = select.epoll()
+    try:
+        for g in groups:
+            fd = g.open_events()
+            if fd < 0:
+                if g.populated():
+                    unwatched.append(g)
+                else:
+                    emptied[g] = time.monotonic()
+                continue
+            by_fd[fd] = g
+            ep.register(fd, select.EPOLLPRI)
+            if not g.populated_at(fd):
+                emptied[g] = time.monotonic()
+                _forget(ep, by_fd, fd)
+        while by_fd or unwatched:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            wait = min(left, _SWEEP_S if not unwatched else 1e-3)
+            if by_fd:
+                ready = [fd for fd, _ in ep.poll(wait)]
+            else:
+                ready = []
+                time.sleep(wait)
+            # No change reported within the sweep interval: re-read them all.
+            for fd in ready or list(by_fd):
+                g = by_fd[fd]
+                if not g.populated_at(fd):
+                    emptied[g] = time.monotonic()
+                    _forget(ep, by_fd, fd)
+            for g in list(unwatched):
+                if not g.populated():
+                    emptied[g] = time.monotonic()
+                    unwatched.remove(g)
+    finally:
+        for fd in by_fd:
+            fs.close_handle(fd)
+        ep.close()
+    return emptied
+
+
+def _forget(ep: select.epoll, by_fd: dict[int, AgentCgroup], fd: int) -> None:
+    ep.unregister(fd)
+    del by_fd[fd]
+    fs.close_handle(fd)
+
+
+def kill_all(groups: Iterable[AgentCgroup]) -> list[float]:
+    """Write cgroup.kill to every group before waiting on any (estop, leases, shutdown).
+
+    Returns when (monotonic) each write was done, in order; a group whose
+    write failed (removed meanwhile) gets the time of its attempt. The
+    writes run ahead of the processes they kill (see first()).
+    """
+    todo = list(groups)
+    stamps: list[float] = []
+    # Not for the fallback loop, which waits on freezes and may run long.
+    with first(enabled=bool(todo) and todo[0].tree.has_cgroup_kill):
+        for g in todo:
+            try:
+                g.kill()
+            except CgroupError:
+                stamps.append(time.monotonic())
+                continue
+            stamps.append(time.monotonic())
+    return stamps
+
+
+@contextmanager
+def first(*, enabled: bool = True) -> Iterator[None]:
+    """Run the calling thread at SCHED_FIFO for the block, where the host lets it.
+
+    Each cgroup.kill wakes every member of the group, and woken tasks
+    preempt the writer: measured on a 2-vCPU host, 1,000 writes to the
+    cgroups of sandboxed agents took 213 ms at the default policy and
+    11.5 ms at SCHED_FIFO (nice -20 did not help). Only for a burst of
+    writes, never for waiting (sched(7)); not for the fallback kill, which
+    waits on freezes. Without CAP_SYS_NICE, or under systemd's
+    RestrictRealtime=, the block runs at the default policy.
+    """
+    tid = threading.get_native_id()
+    raised = enabled and _fifo(tid, True)
+    try:
+        yield
+    finally:
+        if raised:
+            _fifo(tid, False)
+
+
+def _fifo(tid: int, on: bool) -> bool:
+    try:
+        if on:
+            # Reset on fork: nothing the thread might start inherits the policy.
+            os.sched_setscheduler(tid, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, _FIFO)
+        else:
+            os.sched_setscheduler(tid, os.SCHED_OTHER, _OTHER)
+    except OSError:
+        return False
+    return True
+
+
+_FIFO = os.sched_param(1)
+_OTHER = os.sched_param(0)

@@ -42,5 +42,6 @@ def record(ctx: Ctx, e: Estopped) -> bool:
         "processes_killed": sum(x.outcome.processes_killed for x in r.results),
         "all_verified_empty": all(x.outcome.verified_empty for x in r.results),
         "duration_ms": round(r.duration_ms, 3), "latched": True,
+        "first_kill_ms": round(r.first_kill_ms, 3), "last_kill_ms": round(r.last_kill_ms, 3),
         "latch_persisted": latched, "agents": [x.agent.id for x in r.results]})
     return durable and latched

@@ -1,9 +1,10 @@
 """The enforcement loop: lease and run-time deadlines, and the heartbeat the watchdogs watch.
 
 Deadlines use the monotonic clock, never wall time: a clock step must not
-extend or cut short a lease. The loop sleeps until the earliest deadline (or
-one tick), so an expiry is acted on within a scheduler wake-up of its
-deadline, not at the next poll.
+extend or cut short a lease. They are kept in a heap, so the loop finds the
+earliest in O(1) and sleeps until it (or one tick): an expiry is acted on
+within a scheduler wake-up of its deadline, not at the next poll, and a
+thousand leases cost nothing while none is due.
 
 Liveness: every pass records last_tick and calls the heartbeats (the
 guardian's pipe). The systemd watchdog is pinged from this loop too, and
@@ -14,6 +15,8 @@ threads still run (sd_watchdog_enabled(3), systemd.service(5) WatchdogSec=).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import threading
@@ -56,8 +59,15 @@ class Enforcer:
         self._reactor_tick = reactor_tick
         self._tick = tick_s
         self._cond = threading.Condition()
-        # (agent id, kind) -> (monotonic deadline, agent)
-        self._deadlines: dict[tuple[str, str], tuple[float, Agent]] = {}
+        # agent id -> kind -> (monotonic deadline, agent): what holds.
+        self._deadlines: dict[str, dict[str, tuple[float, Agent]]] = {}
+        # (deadline, seq, agent id, kind): a min-heap over _deadlines. An entry
+        # whose deadline no longer matches _deadlines (renewed, cleared) is
+        # stale and skipped when it comes up; _push compacts the heap when
+        # stale entries outnumber live ones.
+        self._heap: list[tuple[float, int, str, str]] = []
+        self._seq = itertools.count()
+        self._live = 0
         self._heartbeats: list[Callable[[], None]] = []
         # What must also be alive for a heartbeat: name -> check (see add_liveness).
         self._liveness: dict[str, Callable[[], bool]] = {}
@@ -93,13 +103,14 @@ class Enforcer:
     # ---------------------------------------------------------- deadlines
     def set(self, agent: Agent, kind: str, deadline: float) -> None:
         with self._cond:
-            self._deadlines[(agent.id, kind)] = (deadline, agent)
+            self._put(agent, kind, deadline)
             self._cond.notify()
 
     def clear(self, agent: Agent) -> None:
         with self._cond:
-            for key in [k for k in self._deadlines if k[0] == agent.id]:
-                del self._deadlines[key]
+            gone = self._deadlines.pop(agent.id, None)
+            if gone:
+                self._live -= len(gone)
 
     def renew(self, agent: Agent, deadline: float) -> bool:
         """Move the lease deadline, unless the agent is already being ended.
@@ -110,15 +121,55 @@ class Enforcer:
         with self._cond:
             if agent.kill_requested or agent.is_ended:
                 return False
-            self._deadlines[(agent.id, "lease")] = (deadline, agent)
+            self._put(agent, "lease", deadline)
             self._cond.notify()
             return True
 
     def remaining(self, agent: Agent, kind: str) -> float | None:
         """Seconds left before the deadline, or None if there is none."""
         with self._cond:
-            entry = self._deadlines.get((agent.id, kind))
+            entry = self._deadlines.get(agent.id, {}).get(kind)
         return None if entry is None else entry[0] - time.monotonic()
+
+    def _put(self, agent: Agent, kind: str, deadline: float) -> None:
+        """Under the lock."""
+        kinds = self._deadlines.setdefault(agent.id, {})
+        if kind not in kinds:
+            self._live += 1
+        kinds[kind] = (deadline, agent)
+        heapq.heappush(self._heap, (deadline, next(self._seq), agent.id, kind))
+        if len(self._heap) > 2 * self._live + 64:
+            self._heap = [(at, next(self._seq), aid, k)
+                          for aid, ks in self._deadlines.items() for k, (at, _) in ks.items()]
+            heapq.heapify(self._heap)
+
+    def _pop_expired(self, now: float) -> Expired:
+        """Under the lock: remove and return every deadline at or before now."""
+        expired: Expired = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            at, _, aid, kind = heapq.heappop(heap)
+            kinds = self._deadlines.get(aid, {})
+            entry = kinds.get(kind)
+            if entry is None or entry[0] != at:
+                continue  # stale: renewed or cleared since it was pushed
+            del kinds[kind]
+            if not kinds:
+                del self._deadlines[aid]
+            self._live -= 1
+            expired.append((entry[1], kind, at))
+        return expired
+
+    def _next_wait(self, now: float) -> float:
+        """Under the lock: seconds until the earliest live deadline, at most one tick."""
+        heap = self._heap
+        while heap:
+            at, _, aid, kind = heap[0]
+            entry = self._deadlines.get(aid, {}).get(kind)
+            if entry is not None and entry[0] == at:
+                return max(0.0, min(self._tick, at - now))
+            heapq.heappop(heap)  # stale
+        return self._tick
 
     # --------------------------------------------------------------- loop
     def _run(self) -> None:
@@ -127,14 +178,9 @@ class Enforcer:
                 if self._stop:
                     return
                 now = time.monotonic()
-                expired: Expired = []
-                for key, (at, agent) in list(self._deadlines.items()):
-                    if at <= now:
-                        del self._deadlines[key]
-                        expired.append((agent, key[1], at))
+                expired = self._pop_expired(now)
                 if not expired:
-                    nxt = min((at for at, _ in self._deadlines.values()), default=now + self._tick)
-                    self._cond.wait(timeout=max(0.0, min(self._tick, nxt - now)))
+                    self._cond.wait(timeout=self._next_wait(now))
             if expired:
                 try:
                     self._on_expired(expired)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from daemon.audit import AuditLog
-from daemon.cgroups.tree import AgentTree, kill_all, wait_all_empty
+from daemon.cgroups.tree import AgentTree, first, wait_all_empty
 from daemon.config import Config
-from daemon.errors import FailedPrecondition
+from daemon.errors import CgroupError, FailedPrecondition
 from daemon.supervisor import killer
 from daemon.supervisor.agent import Agent, State
 from daemon.supervisor.enforcer import Enforcer, Expired
@@ -52,6 +52,9 @@ class RenewResult:
 class EstopResult:
     results: list[StopResult] = field(default_factory=list)
     duration_ms: float = 0.0
+    # From acceptance to the first and the last cgroup.kill written.
+    first_kill_ms: float = 0.0
+    last_kill_ms: float = 0.0
 
 
 class Failsafe:
@@ -81,19 +84,22 @@ class Failsafe:
         verification, audit and any stop with a grace period run in the pool.
         """
         leases = [(a, at) for a, kind, at in expired if kind == "lease" and not a.is_ended]
-        for a, _ in leases:
-            a.request_end("lease_expired")
-        with self.sup.reactor.kill_gate:
-            kill_all(a.cgroup for a, _ in leases)
-        killed_at = time.monotonic()
+        killed_at: list[float] = []
         if leases:
+            # Every kill first, in one loop: each agent's end reason, its
+            # write, the time it was written. Nothing else until all are out.
+            with self.sup.reactor.kill_gate, first(enabled=self.sup.tree.has_cgroup_kill):
+                for a, _ in leases:
+                    a.request_end("lease_expired")
+                    _kill(a)
+                    killed_at.append(time.monotonic())
             self._verifier.submit(self._verify_expiries, leases, killed_at)
         for a, kind, _ in expired:
             if kind == "max_runtime" and not a.is_ended:
                 a.request_end("max_runtime")
                 self.sup.reactor.pool.submit(self._stop_overrun, a)
 
-    def _verify_expiries(self, leases: list[tuple[Agent, float]], killed_at: float) -> None:
+    def _verify_expiries(self, leases: list[tuple[Agent, float]], killed_at: list[float]) -> None:
         """Wait for every expired agent's cgroup to empty, then audit each.
 
         One task for the whole batch: polling them together stamps each one
@@ -109,16 +115,16 @@ class Failsafe:
         # fsync'd audit records go to the general pool, not this verifier.
         self.sup.reactor.pool.submit(self._audit_expiries, leases, killed_at, emptied)
 
-    def _audit_expiries(self, leases: list[tuple[Agent, float]], killed_at: float,
+    def _audit_expiries(self, leases: list[tuple[Agent, float]], killed_at: list[float],
                         emptied: dict[Agent, float]) -> None:
-        for a, deadline in leases:
+        for (a, deadline), written in zip(leases, killed_at, strict=True):
             done = emptied.get(a)
             self.sup.audit.append(
                 "lease_expired", name=a.name, agent_id=a.id, ttl_ms=a.lease_ttl_ms,
                 verified_empty=done is not None,
                 # How late the kill was written, and how long from the deadline
                 # until the kernel reported the cgroup empty.
-                deadline_to_kill_ms=round((killed_at - deadline) * 1e3, 3),
+                deadline_to_kill_ms=round((written - deadline) * 1e3, 3),
                 deadline_to_empty_ms=None if done is None else round((done - deadline) * 1e3, 3),
                 stuck=[s.pid for s in a.cgroup.stuck()] if done is None else [],
             )
@@ -141,16 +147,18 @@ class Failsafe:
         # already starting kills its own agent when it sees the latch.
         self.sup.latch.engage(reason, by)
         running = self.sup.running()
-        for a in running:
-            a.request_end("estop")
         before: dict[str, list[int]] = {}
-        with self.sup.reactor.kill_gate:
-            # Each agent's count is read just before its own kill, not all
-            # counts before the first kill: with a thousand agents, a
-            # thousand reads would otherwise stand in front of every kill.
+        written: list[float] = []
+        with self.sup.reactor.kill_gate, first(enabled=self.sup.tree.has_cgroup_kill):
+            # One loop, each agent in turn: its end reason, its count read
+            # just before its own kill (not all counts before the first
+            # kill: a thousand reads would stand in front of every kill),
+            # the write, when it was written.
             for a in running:
+                a.request_end("estop")
                 before[a.id] = pids_of(a.cgroup)
-                kill_all((a.cgroup,))
+                _kill(a)
+                written.append(time.monotonic())
         emptied = wait_all_empty([a.cgroup for a in running],
                                  time.monotonic() + self.cfg.kill_verify_timeout_s)
         result = EstopResult()
@@ -164,7 +172,22 @@ class Failsafe:
             self.sup.settle(a, out)
             result.results.append(StopResult(a, out))
         result.duration_ms = (time.monotonic() - accepted) * 1e3
+        if written:
+            result.first_kill_ms = (written[0] - accepted) * 1e3
+            result.last_kill_ms = (written[-1] - accepted) * 1e3
         return result
+
+
+def _kill(agent: Agent) -> bool:
+    """Write the agent's cgroup.kill. False if its cgroup was already removed: it had ended.
+
+    A try, not contextlib.suppress: this runs once per agent inside a burst.
+    """
+    try:
+        agent.cgroup.kill()
+    except CgroupError:
+        return False
+    return True
 
 
 def ended_error(agent: Agent) -> FailedPrecondition:
