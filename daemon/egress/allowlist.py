@@ -86,11 +86,14 @@ def canonical_name(name: str | bytes) -> str:
     byte outside letters, digits, '-' and '.', an empty label, a label over
     63 or a name over 253 characters, or an IDNA failure.
     """
+    if len(name) > 4 * _MAX_NAME:
+        # Bound the work (and the message, which quotes agent bytes) first.
+        raise ValueError(f"name of {len(name)} characters is longer than {_MAX_NAME}")
     if isinstance(name, bytes):
         try:
             text = name.decode("ascii")
         except UnicodeDecodeError:
-            raise ValueError(f"name {name!r} has non-ASCII bytes (names on the wire "
+            raise ValueError(f"name {name[:64]!r} has non-ASCII bytes (names on the wire "
                              "are A-labels)") from None
     else:
         text = name
@@ -105,7 +108,7 @@ def canonical_name(name: str | bytes) -> str:
     # points too: a name an operator cannot read as written is not allowed.
     for ch in text:
         if ord(ch) < 0x21 or unicodedata.category(ch) in _ODD_CATEGORIES:
-            raise ValueError(f"name {text!r} holds the control, space or invisible "
+            raise ValueError(f"name {text[:64]!r} holds the control, space or invisible "
                              f"character {ch!r}")
     if text.endswith("."):
         text = text[:-1]  # the root: "example.com." is "example.com"

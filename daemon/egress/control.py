@@ -45,6 +45,9 @@ class _Agent:
     allow: Allowlist
     fds: dict[str, int]  # our dup()s, closed on remove/stop
     byte_cap: int
+    # Bytes its flows moved, from the service's close events: a restarted
+    # service is told, so that a restart never hands out the cap again.
+    used: int = 0
 
 
 class EgressService:
@@ -325,6 +328,11 @@ class EgressService:
                 return
             if kind in ("pong", "added"):
                 return
+        if kind == "flow" and msg.get("phase") == "close":
+            with self._lock:
+                agent = self._agents.get(str(msg.get("agent", "")))
+                if agent is not None:
+                    agent.used += int(msg.get("bytes_out") or 0) + int(msg.get("bytes_in") or 0)
         self._deliver(msg)
 
     def _deliver(self, msg: dict[str, Any]) -> None:
@@ -365,7 +373,8 @@ class EgressService:
         for agent_id, agent in agents:
             roles = list(agent.fds)
             msg = {"op": "add", "agent": agent_id, "name": agent.name,
-                   "allow": agent.allow.texts(), "byte_cap": agent.byte_cap, "roles": roles}
+                   "allow": agent.allow.texts(), "byte_cap": agent.byte_cap, "roles": roles,
+                   "used": agent.used}
             try:
                 assert sock is not None
                 sock.setblocking(True)

@@ -25,13 +25,28 @@ from daemon.egress.allowlist import Allowlist, IPAddress, canonical_name
 from daemon.egress.upstream import resolve_a
 
 _SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>; IP6T_SO_ORIGINAL_DST is 80 too
-FLOW_LIMIT = 256  # open flows per agent
+# Open flows per agent. Each holds at most 4 socket buffers (SOCKET_BUFFER,
+# doubled by the kernel: socket(7)) and 2 pipes (pump.CHUNK): about 1.25 MiB,
+# so an agent can make the service hold at most ~80 MiB of kernel memory.
+FLOW_LIMIT = 64
 FIRST_BYTES_GRACE_S = 2.0  # a silent client past this is taken for a server-first protocol
 HANDSHAKE_TIMEOUT_S = 10.0  # first bytes / request head / upstream connect, each
 MAX_DNS_TCP_MESSAGES = 64  # per DNS-over-TCP connection
+# Socket buffers, both sides of every flow, set (which also turns autotuning
+# off, tcp(7)): kernel memory an agent can make the service hold is then
+# bounded by flows x buffers, not by the host's tcp_mem, and the service's
+# memory is not charged to the agent's cgroup.
+SOCKET_BUFFER = 128 * 1024
+REASON_MAX = 512  # characters of a reason (agent bytes may be quoted in it)
+DNS_CACHE_S = 30.0  # upstream answers reused this long (at most: the synthetic TTL)
+DNS_CACHE_MAX = 4096
+# The issue's list, and what else is not a global unicast address (benchmark,
+# documentation, multicast, reserved, broadcast): ipaddress's is_global
+# decides beyond it (_private_ok).
 PRIVATE = tuple(ipaddress.ip_network(n) for n in (
     "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
     "100.64.0.0/10", "0.0.0.0/8", "fc00::/7", "fe80::/10", "::1/128", "::/128",
+    "192.0.0.0/24", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4", "ff00::/8",
 ))
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
@@ -93,6 +108,7 @@ class AgentEgress:
         self.settings = settings
         self._emit = emit
         self.table = dns.SyntheticTable()
+        self._dns_cache: dict[str, tuple[float, asyncio.Future[list[ipaddress.IPv4Address]]]] = {}
         self.flows: set[Flow] = set()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -125,7 +141,7 @@ class AgentEgress:
     # ------------------------------------------------------------ events
     def _flow_event(self, flow: Flow, verdict: str, reason: str, phase: str) -> None:
         self._emit({
-            "kind": "flow", "agent": self.id, "verdict": verdict, "reason": reason,
+            "kind": "flow", "agent": self.id, "verdict": verdict, "reason": _short(reason),
             "name": flow.name, "addr": flow.addr, "port": flow.port, "via": flow.via,
             "phase": phase, "bytes_out": flow.bytes_out, "bytes_in": flow.bytes_in,
             "duration_s": round(time.monotonic() - flow.started, 6),
@@ -143,6 +159,7 @@ class AgentEgress:
                 await asyncio.sleep(0.05)
                 continue
             conn.setblocking(False)
+            _buffers(conn)
             flow = Flow(via=via)
             if len(self.flows) >= FLOW_LIMIT:
                 conn.close()
@@ -211,9 +228,15 @@ class AgentEgress:
     def _private_ok(self, addr: IPAddress) -> bool:
         a = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) and \
             addr.ipv4_mapped else addr
-        if not any(a.version == n.version and a in n for n in PRIVATE):
+        if a.is_global and not any(a.version == n.version and a in n for n in PRIVATE):
             return True
-        return self.allow.names_addr(a) or any(
+        # A CIDR entry exempts a private address only if the entry lies
+        # within private space itself: 0.0.0.0/0:443 must not reach the
+        # host's loopback or a metadata service.
+        named = any(e.network is not None and e.network.version == a.version
+                    and a in e.network and not e.network.is_global
+                    for e in self.allow.entries)
+        return named or any(
             a.version == n.version and a in n for n in self.settings.private_ok)
 
     def _pick(self, name: str, pinned: tuple[ipaddress.IPv4Address, ...]) -> list[IPAddress]:
@@ -231,6 +254,7 @@ class AgentEgress:
         for addr in addrs:
             s = socket.socket(socket.AF_INET6 if addr.version == 6 else socket.AF_INET,
                               socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+            _buffers(s)  # before connect: the window is advertised in the SYN
             try:
                 await asyncio.wait_for(loop.sock_connect(s, (str(addr), port)),
                                        HANDSHAKE_TIMEOUT_S)
@@ -297,6 +321,9 @@ class AgentEgress:
         if not self.allow.allows_addr(addr, port):
             raise Denied(f"IP literal {_hostport(addr, port)}: only CIDR entries allow "
                          "addresses")
+        if not self._private_ok(addr):
+            raise Denied(f"private address {_hostport(addr, port)}: only a CIDR entry "
+                         "within that range (or egress_private_ranges_ok) allows it")
         if self._capped():
             raise Denied(self._cap_reason())
         return await self._connect([addr], port), b""
@@ -397,7 +424,7 @@ class AgentEgress:
 
     async def _resolve(self, name: str) -> tuple[ipaddress.IPv4Address, ...]:
         try:
-            real = await resolve_a(name, self.settings.resolvers)
+            real = await self._upstream(name)
         except OSError as err:
             raise Denied(f"cannot resolve {name}: {err}") from None
         self.table.pin(name, tuple(real))
@@ -405,13 +432,34 @@ class AgentEgress:
 
     # ------------------------------------------------------------ DNS
     async def _upstream(self, name: str) -> list[ipaddress.IPv4Address]:
-        return await resolve_a(name, self.settings.resolvers)
+        """The name's A records, from the cache if asked in the last DNS_CACHE_S.
+
+        Concurrent lookups of one name share one query: an agent's flood of
+        lookups of an allowed name costs the upstream resolver one a period.
+        """
+        loop = asyncio.get_running_loop()
+        hit = self._dns_cache.get(name)
+        if hit is not None and loop.time() - hit[0] < DNS_CACHE_S:
+            return await asyncio.shield(hit[1])
+        fut: asyncio.Future[list[ipaddress.IPv4Address]] = asyncio.ensure_future(
+            resolve_a(name, self.settings.resolvers))
+        if len(self._dns_cache) >= DNS_CACHE_MAX:
+            self._dns_cache.pop(next(iter(self._dns_cache)))
+        self._dns_cache[name] = (loop.time(), fut)
+        try:
+            return await asyncio.shield(fut)
+        except OSError:
+            # Failures are not cached: the next lookup asks again.
+            if self._dns_cache.get(name, (0.0, None))[1] is fut:
+                del self._dns_cache[name]
+            raise
 
     async def _answer(self, data: bytes) -> bytes | None:
         out = await dns.answer(data, self.allow, self.table, self._upstream)
         if out.name or out.reply is not None:
-            self._emit({"kind": "dns", "agent": self.id, "name": out.name,
-                        "qtype": out.qtype, "verdict": out.verdict, "reason": out.reason})
+            self._emit({"kind": "dns", "agent": self.id, "name": _short(out.name),
+                        "qtype": out.qtype, "verdict": out.verdict,
+                        "reason": _short(out.reason)})
         return out.reply
 
     async def _udp_dns(self, sock: socket.socket) -> None:
@@ -466,13 +514,30 @@ class AgentEgress:
         b = asyncio.ensure_future(pump.one_way(upstream, conn, self._budget, into))
         try:
             results = await asyncio.gather(a, b)
-        except asyncio.CancelledError:
+        except BaseException:
+            # One direction failed (ECONNRESET) or the flow was cut: the other
+            # must end before the caller closes the sockets, or it would stay
+            # parked on a closed descriptor that a later flow's socket reuses.
             a.cancel()
             b.cancel()
+            await asyncio.gather(a, b, return_exceptions=True)
             raise
         if "cap" in results or self._capped():
             return self._cap_reason()
         return "closed"
+
+
+def _buffers(s: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+
+
+def _short(text: str | None) -> str | None:
+    """A reason or name cut to REASON_MAX characters: agent bytes quoted in it stay bounded."""
+    if text is None or len(text) <= REASON_MAX:
+        return text
+    return text[:REASON_MAX - 3] + "..."
 
 
 def _why(err: BaseException) -> str:

@@ -114,13 +114,17 @@ def create() -> AgentNet:
     """Make, configure and probe a new namespace. Raises NetnsError."""
     ip, nft = tools()
     result: list[AgentNet | BaseException] = []
-    worker = threading.Thread(target=_in_thread, args=(ip, nft, result),
+    lock = threading.Lock()
+    worker = threading.Thread(target=_in_thread, args=(ip, nft, result, lock),
                               name="agentd-netns", daemon=True)
     worker.start()
     worker.join(_SETUP_TIMEOUT_S)
-    if worker.is_alive() or not result:
-        # The thread owns whatever it made; it closes it if it ever finishes.
-        raise NetnsError(f"setting up the network namespace took over {_SETUP_TIMEOUT_S:.0f} s")
+    with lock:
+        if not result:
+            # Abandoned: the thread closes what it made if it ever finishes.
+            result.append(NetnsError("abandoned"))
+            raise NetnsError(
+                f"setting up the network namespace took over {_SETUP_TIMEOUT_S:.0f} s")
     out = result[0]
     if isinstance(out, BaseException):
         raise out
@@ -132,7 +136,8 @@ def create() -> AgentNet:
     return out
 
 
-def _in_thread(ip: str, nft: str, result: list[AgentNet | BaseException]) -> None:
+def _in_thread(ip: str, nft: str, result: list[AgentNet | BaseException],
+               lock: threading.Lock) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     net: AgentNet | None = None
@@ -146,10 +151,13 @@ def _in_thread(ip: str, nft: str, result: list[AgentNet | BaseException]) -> Non
         _run([ip, "-batch", "-"], _IP_BATCH, "ip")
         _run([nft, "-f", "-"], RULESET, "nft")
         net.fds = _sockets()
-        result.append(net)
-        net = None
+        with lock:
+            if not result:  # else the caller gave up: net is closed below
+                result.append(net)
+                net = None
     except BaseException as err:  # handed to the caller, whatever it is
-        result.append(err if isinstance(err, NetnsError) else NetnsError(str(err)))
+        with lock:
+            result.append(err if isinstance(err, NetnsError) else NetnsError(str(err)))
     finally:
         if net is not None:
             net.close()

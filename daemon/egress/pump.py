@@ -1,7 +1,7 @@
 """Bytes between two connected sockets through a pipe with splice(2): no copy to user space.
 
 splice(2) moves pages socket -> pipe -> socket inside the kernel; the pipe
-is grown to 1 MiB (F_SETPIPE_SZ, fcntl(2)) so one call moves up to that
+is set to CHUNK (F_SETPIPE_SZ, fcntl(2)) so one call moves up to that
 much. Every call is non-blocking (the sockets are O_NONBLOCK, and
 SPLICE_F_NONBLOCK for the pipe) and the loop waits with add_reader /
 add_writer, so one event loop pumps every flow and none can stall another.
@@ -16,7 +16,7 @@ import os
 import socket
 from collections.abc import Callable
 
-CHUNK = 1 << 20
+CHUNK = 128 * 1024
 _F_SETPIPE_SZ = 1031  # <linux/fcntl.h>
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 

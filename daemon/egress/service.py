@@ -49,44 +49,80 @@ class EventSink:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._queue: collections.deque[bytes] = collections.deque()
+        # Answers to the daemon (pong, added, error): never dropped, and sent
+        # before any queued event, so that an agent's flood of events cannot
+        # keep another agent from launching (the daemon waits for "added").
+        self._replies: collections.deque[bytes] = collections.deque()
         self._dropped: collections.Counter[str] = collections.Counter()
+        # Of those, the denials: the daemon still counts them (egress_denied).
+        self._dropped_denied: collections.Counter[str] = collections.Counter()
         self._waiting = False
 
+    def reply(self, message: dict[str, Any]) -> None:
+        self._replies.append(wire.encode(message))
+        self._arm()
+
     def emit(self, event: dict[str, Any]) -> None:
-        if self._queue or self._dropped:
-            self._enqueue(event)
+        try:
+            data = wire.encode(event)
+        except ValueError:
+            # Over the packet limit (it never should be: reasons are capped):
+            # counted as dropped, never raised into the flow that sent it.
+            self._drop(event)
+            self._arm()
+            return
+        if self._queue or self._dropped or self._replies:
+            self._enqueue(event, data)
             return
         try:
-            self._sock.send(wire.encode(event))
+            self._sock.send(data)
         except BlockingIOError:
-            self._enqueue(event)
+            self._enqueue(event, data)
         except OSError:
             pass  # the daemon is gone; the control reader ends the service
 
-    def _enqueue(self, event: dict[str, Any]) -> None:
+    def _drop(self, event: dict[str, Any]) -> None:
+        agent = str(event.get("agent", ""))
+        self._dropped[agent] += 1
+        if event.get("verdict") in ("denied", "refused"):
+            self._dropped_denied[agent] += 1
+
+    def _enqueue(self, event: dict[str, Any], data: bytes) -> None:
         if len(self._queue) >= EVENT_QUEUE:
-            self._dropped[str(event.get("agent", ""))] += 1
+            self._drop(event)
         else:
-            self._queue.append(wire.encode(event))
+            self._queue.append(data)
+        self._arm()
+
+    def _arm(self) -> None:
         if not self._waiting:
             self._waiting = True
             asyncio.get_running_loop().add_writer(self._sock.fileno(), self._flush)
 
     def _flush(self) -> None:
         try:
+            while self._replies:
+                self._sock.send(self._replies[0])
+                self._replies.popleft()
             while self._queue:
                 self._sock.send(self._queue[0])
                 self._queue.popleft()
+                if self._replies:
+                    return self._flush()
             while self._dropped:
                 agent, n = next(iter(self._dropped.items()))
                 self._sock.send(wire.encode({"kind": "dropped_events", "agent": agent,
-                                             "count": n}))
+                                             "count": n,
+                                             "denied": self._dropped_denied.get(agent, 0)}))
                 del self._dropped[agent]
+                self._dropped_denied.pop(agent, None)
         except BlockingIOError:
             return
         except OSError:
             self._queue.clear()
+            self._replies.clear()
             self._dropped.clear()
+            self._dropped_denied.clear()
         asyncio.get_running_loop().remove_writer(self._sock.fileno())
         self._waiting = False
 
@@ -114,6 +150,8 @@ class Service:
         agent = AgentEgress(agent_id, str(msg.get("name", agent_id)), allow, socks=socks,
                             byte_cap=int(msg.get("byte_cap", 0)), settings=self.settings,
                             emit=self.events.emit)
+        # Re-added after a restart: what its flows already moved counts.
+        agent.bytes_used = max(0, int(msg.get("used", 0)))
         self.agents[agent_id] = agent
         agent.start()
 
@@ -123,7 +161,7 @@ class Service:
         try:
             if op == "add":
                 self._add(msg, fds)
-                self.events.emit({"kind": "added", "agent": agent_id})
+                self.events.reply({"kind": "added", "agent": agent_id})
             elif op == "cut":
                 agent = self.agents.get(agent_id)
                 if agent is not None:
@@ -133,11 +171,11 @@ class Service:
                 if agent is not None:
                     agent.remove()
             elif op == "ping":
-                self.events.emit({"kind": "pong", "seq": msg.get("seq")})
+                self.events.reply({"kind": "pong", "seq": msg.get("seq")})
             else:
                 raise ValueError(f"unknown op {op!r}")
         except (ValueError, KeyError, TypeError, OSError) as err:
-            self.events.emit({"kind": "error", "agent": agent_id, "op": op,
+            self.events.reply({"kind": "error", "agent": agent_id, "op": op,
                               "error": f"{type(err).__name__}: {err}"})
         finally:
             for fd in fds:

@@ -27,7 +27,7 @@ from daemon.audit import AuditLog
 from daemon.config import Config, resolver_address
 from daemon.egress import netns
 from daemon.egress.allowlist import Allowlist
-from daemon.egress.control import EgressService
+from daemon.egress.control import EgressError, EgressService
 from daemon.errors import LaunchFailed
 
 log = logging.getLogger(__name__)
@@ -101,9 +101,9 @@ class Egress:
                                     on_event=self._on_event)
                 try:
                     svc.start()
-                except OSError as err:
+                except (OSError, EgressError) as err:
                     raise LaunchFailed(f"cannot start agentd's egress proxy: "
-                                       f"{err.strerror or err}") from err
+                                       f"{getattr(err, 'strerror', None) or err}") from err
                 self._service = svc
             return self._service
 
@@ -124,7 +124,7 @@ class Egress:
             self._agents[agent_id] = state
         try:
             svc.add(agent_id, name, Allowlist.of(allow), dict(net.fds), byte_cap=byte_cap)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, EgressError) as err:
             self.forget(agent_id)
             raise LaunchFailed(f"cannot hand the agent's sockets to the egress proxy: "
                                f"{err}") from err
@@ -208,8 +208,12 @@ class Egress:
             return
         now = time.monotonic()
         if kind == "dropped_events":
+            # The service could not send them (a flood): the denials among
+            # them still count for tripwires, and show in the audit summary.
+            denied = int(ev.get("denied") or 0)
             with state.lock:
-                state.suppressed += int(ev.get("count") or 0)
+                state.denied += denied
+                state.suppressed += denied
             return
         denied = (kind == "flow" and ev.get("verdict") == "denied") or (
             kind == "dns" and ev.get("verdict") == "refused")
