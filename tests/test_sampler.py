@@ -271,3 +271,27 @@ def test_an_idle_subtree_costs_one_read(scratch: ScratchAgents,
     assert wait_for(seen, 10, interval=0.05), waker.signals
     assert idle_sweeps > 0
     assert sleeper.signals.pids == 1 and sleeper.signals.sockets_open == 0
+
+
+def test_an_idle_subtree_leaves_settled_signals_and_says_when_it_verified_them(
+        scratch: ScratchAgents) -> None:
+    """A sweep of an idle subtree installs nothing new for a settled agent, yet vouches for it."""
+    sleeper = scratch.spawn(["/bin/sleep", "30"], name="settled")
+    sampler = scratch.sampler()
+    sampler.refresh_s = 1e6
+    # Until the signals settle (a quiet sample replaced the first, whose CPU
+    # share and rates reflect the start-up), sweeps install new ones.
+    assert wait_for(lambda: (sampler.sweep(), sleeper.signals.sampled_at != 0
+                             and sleeper.signals.cpu_percent == 0)[1], 10, interval=0.05)
+    skipped = False
+
+    def skip_seen() -> bool:
+        nonlocal skipped
+        before = sleeper.signals
+        sampler.sweep()
+        skipped = sleeper.signals is before
+        return skipped
+
+    assert wait_for(skip_seen, 10, interval=0.05), "no sweep ever skipped the settled agent"
+    assert sampler.sampled_at(sleeper) > sleeper.signals.sampled_at
+    assert sleeper.signals.pids == 1

@@ -35,8 +35,12 @@ def _live_facts(group: AgentCgroup) -> tuple[list[int], int]:
         return [], 0
 
 
-def agent(a: Agent, lease_remaining_s: float | None = None) -> agentd_pb2.Agent:
-    """The Agent message: pids and memory read from cgroupfs now."""
+def agent(a: Agent, lease_remaining_s: float | None = None,
+          sampled_at: float | None = None) -> agentd_pb2.Agent:
+    """The Agent message: pids and memory read from cgroupfs now.
+
+    sampled_at: when the sampler last verified the signals (Sampler.sampled_at).
+    """
     pids, memory = ([], 0) if a.is_ended else _live_facts(a.cgroup)
     msg = agentd_pb2.Agent(
         name=a.name,
@@ -62,7 +66,7 @@ def agent(a: Agent, lease_remaining_s: float | None = None) -> agentd_pb2.Agent:
         max_runtime_ms=a.max_runtime_ms,
         end_reason=a.end_reason if a.is_ended else "",
         oom_kills=a.oom_kills,
-        signals=signals(a.signals),
+        signals=signals(a.signals, sampled_at, a.started_at),
     )
     if a.sandbox is not None:
         msg.sandbox.CopyFrom(sandbox(a.sandbox))
@@ -109,10 +113,19 @@ def _egress(box: agentd_pb2.Sandbox, e: AgentEgress) -> None:
         flow.at.CopyFrom(_ts(float(f.get("at") or 0.0)))
 
 
-def signals(s: Signals) -> agentd_pb2.AgentSignals:
-    """The newest sample of an agent's kernel-observed signals; all zero before the first."""
+def signals(s: Signals, sampled_at: float | None = None,
+            started_at: float = 0.0) -> agentd_pb2.AgentSignals:
+    """The newest sample of an agent's kernel-observed signals; all zero before the first.
+
+    sampled_at, if later than the sample's own: the sampler verified then
+    that nothing of the agent ran since (its uptime is as of then too).
+    """
+    at = s.sampled_at
+    uptime = s.uptime_s
+    if sampled_at is not None and sampled_at > at and at:
+        at, uptime = sampled_at, max(uptime, sampled_at - started_at)
     msg = agentd_pb2.AgentSignals(
-        uptime_s=s.uptime_s,
+        uptime_s=uptime,
         processes_started=s.processes_started,
         processes_per_second=s.processes_per_second,
         recent_commands=s.recent_commands,
@@ -130,8 +143,8 @@ def signals(s: Signals) -> agentd_pb2.AgentSignals:
         egress_bytes=s.egress_bytes,
         egress_flows_open=s.egress_flows_open,
     )
-    if s.sampled_at:
-        msg.sampled_at.CopyFrom(_ts(s.sampled_at))
+    if at:
+        msg.sampled_at.CopyFrom(_ts(at))
     return msg
 
 

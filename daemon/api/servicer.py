@@ -70,7 +70,8 @@ class Servicer:
 
     # ------------------------------------------------------------- helpers
     def _agent(self, a: Agent) -> agentd_pb2.Agent:
-        return convert.agent(a, self.sup.enforcer.remaining(a, "lease"))
+        return convert.agent(a, self.sup.enforcer.remaining(a, "lease"),
+                             self.sup.sampler.sampled_at(a))
 
     async def _carried_through(self, go: Coroutine[Any, Any, T]) -> T:
         """Run a stop to its end whatever the client does.

@@ -101,6 +101,21 @@ def parse_prefixes(text: str) -> tuple[str, ...]:
     return out
 
 
+def _settled(agent: Agent) -> bool:
+    """Whether agent's installed signals stay true while nothing of it runs.
+
+    Its rates and CPU share read 0 (a sample after activity still shows it:
+    that one is replaced by a quiet sample first), and agentd's proxy has
+    counted nothing new for it since.
+    """
+    last = agent.signals
+    if last.cpu_percent or last.processes_per_second or any(last.process_rates.values()):
+        return False
+    e = agent.egress
+    return e is None or (e.denied, e.bytes_total, e.flows_open) == (
+        last.egress_denied, last.egress_bytes, last.egress_flows_open)
+
+
 @dataclass
 class _Track:
     """What the sampler remembers of one agent between samples."""
@@ -152,6 +167,10 @@ class Sampler:
         self._sweeps = 0  # sweeps begun
         # The agents' subtree's CPU time when the last sweep began.
         self._subtree_usec: int | None = None
+        # Wall time of the newest sweep that found the subtree idle, and that
+        # sweep's number: every agent it skipped was verified unchanged then.
+        self._quiet_at = 0.0
+        self._quiet_sweep = -1
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="agentd-sampler", daemon=True)
         self.last_sweep_s = 0.0  # how long the last sweep took
@@ -212,6 +231,8 @@ class Sampler:
         nets: dict[str, dict[int, procfs.NetEntry]] = {}
         idle = self._subtree_idle(running)
         self._sweeps += 1
+        if idle:
+            self._quiet_at, self._quiet_sweep = time.time(), self._sweeps
         for agent in running:
             if self._kill_gate is not None and self._kill_gate.locked():
                 break
@@ -228,6 +249,19 @@ class Sampler:
                 except Exception:
                     log.exception("signals listener %r failed on agent %s", fn, agent.id)
         self.last_sweep_s = time.monotonic() - t0
+
+    def sampled_at(self, agent: Agent) -> float:
+        """When agent's signals were last verified: its own sample, or an idle sweep's start.
+
+        A sweep that finds the agents' subtree idle skips agents read by the
+        sweep before it (nothing of theirs can have changed); their signals
+        are then as of that sweep's start, which this reports.
+        """
+        track = self._tracks.get(agent.id)
+        own = agent.signals.sampled_at
+        if track is not None and own and track.swept == self._quiet_sweep:
+            return max(own, self._quiet_at)
+        return own
 
     def _subtree_idle(self, running: list[Agent]) -> bool:
         """Whether no agent has run since the last sweep began (the agents' subtree's CPU time).
@@ -260,6 +294,13 @@ class Sampler:
         track = self._tracks.setdefault(agent.id, _Track())
         group = agent.cgroup
         now_wall, now = time.time(), time.monotonic()
+        if (idle and track.swept == self._sweeps - 1 and track.full is not None
+                and now < track.refresh_at and _settled(agent)):
+            # Nothing of the subtree ran since the last sweep read this agent:
+            # its signals stand as they are, verified at this sweep's start
+            # (sampled_at()). 1,000 idle agents then cost one read a second.
+            track.swept = self._sweeps
+            return None
         # Unchanged since the last sweep read it, if the whole subtree was idle.
         if idle and track.swept == self._sweeps - 1 and track.cpu_usec is not None:
             cpu_usec = track.cpu_usec
