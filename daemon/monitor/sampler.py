@@ -133,6 +133,8 @@ class _Track:
     full: Signals | None = None
     refresh_at: float = 0.0
     swept: int = -1  # the sweep that last read cpu_usec
+    # Wall time of the idle sweep that last skipped it (its signals held then).
+    verified_at: float = 0.0
 
 
 class Sampler:
@@ -167,10 +169,9 @@ class Sampler:
         self._sweeps = 0  # sweeps begun
         # The agents' subtree's CPU time when the last sweep began.
         self._subtree_usec: int | None = None
-        # Wall time of the newest sweep that found the subtree idle, and that
-        # sweep's number: every agent it skipped was verified unchanged then.
+        # Wall time of the newest sweep that found the subtree idle: every
+        # agent it skipped was verified unchanged then.
         self._quiet_at = 0.0
-        self._quiet_sweep = -1
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="agentd-sampler", daemon=True)
         self.last_sweep_s = 0.0  # how long the last sweep took
@@ -232,7 +233,7 @@ class Sampler:
         idle = self._subtree_idle(running)
         self._sweeps += 1
         if idle:
-            self._quiet_at, self._quiet_sweep = time.time(), self._sweeps
+            self._quiet_at = time.time()
         for agent in running:
             if self._kill_gate is not None and self._kill_gate.locked():
                 break
@@ -259,8 +260,8 @@ class Sampler:
         """
         track = self._tracks.get(agent.id)
         own = agent.signals.sampled_at
-        if track is not None and own and track.swept == self._quiet_sweep:
-            return max(own, self._quiet_at)
+        if track is not None and own:
+            return max(own, track.verified_at)
         return own
 
     def _subtree_idle(self, running: list[Agent]) -> bool:
@@ -299,7 +300,7 @@ class Sampler:
             # Nothing of the subtree ran since the last sweep read this agent:
             # its signals stand as they are, verified at this sweep's start
             # (sampled_at()). 1,000 idle agents then cost one read a second.
-            track.swept = self._sweeps
+            track.swept, track.verified_at = self._sweeps, self._quiet_at
             return None
         # Unchanged since the last sweep read it, if the whole subtree was idle.
         if idle and track.swept == self._sweeps - 1 and track.cpu_usec is not None:
