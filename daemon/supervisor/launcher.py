@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import marshal
 import os
 import subprocess
 import sys
@@ -67,7 +67,7 @@ def spawn(
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     try:
         proc = children.spawn(lambda: subprocess.Popen(
-            [sys.executable, "-I", "-S", str(SHIM), str(status_w), json.dumps(spec)],
+            [sys.executable, "-I", "-S", str(SHIM), str(status_w), marshal.dumps(spec).hex()],
             stdin=subprocess.DEVNULL,
             stdout=out_w,
             stderr=err_w,
