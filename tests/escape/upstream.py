@@ -11,21 +11,21 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-import struct
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
 
-from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+from tests.unit.dnsserver import RecordingDns
 
-ZONE = "agentd.test"  # every name under it resolves to 127.0.0.1
+ZONE = "agentd.test"  # its servers' names resolve to 127.0.0.1
+SERVERS = ("http", "echo", "other", "tls")
 
 
 @dataclass
 class Heard:
-    queries: list[str] = field(default_factory=list)  # qnames, as the DNS server got them
+    queries: list[str] = field(default_factory=list)  # names the DNS server was asked
     connections: dict[str, int] = field(default_factory=dict)  # server -> accepted
     data: dict[str, bytes] = field(default_factory=dict)  # server -> first bytes received
     closed: dict[str, int] = field(default_factory=dict)  # server -> connections that ended
@@ -40,75 +40,13 @@ class Upstream:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._socks: list[socket.socket] = []
-        self.dns_port = self._dns()
+        self.dns = RecordingDns({f"{n}.{ZONE}": "127.0.0.1" for n in SERVERS}).__enter__()
+        self.dns_port = self.dns.port
         self.ports: dict[str, int] = {}
         for name in ("http", "echo", "other"):
             self.ports[name] = self._tcp(name)
         self._tmp = tempfile.TemporaryDirectory(prefix="agentd-t-tls-")
         self.ports["tls"] = self._tcp("tls", tls=self._tls_context())
-
-    # ------------------------------------------------------------------ DNS
-    def _dns(self) -> int:
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        udp.bind(("127.0.0.1", 0))
-        port = int(udp.getsockname()[1])
-        tcp = socket.socket()
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        tcp.bind(("127.0.0.1", port))
-        tcp.listen()
-        for s in (udp, tcp):
-            s.settimeout(0.2)
-            self._socks.append(s)
-        self._spawn(self._dns_udp, udp)
-        self._spawn(self._dns_tcp, tcp)
-        return port
-
-    def _answer(self, data: bytes) -> bytes:
-        try:
-            q = DNSRecord.parse(data)
-        except Exception:  # garbage: recorded raw, not answered
-            with self._lock:
-                self.heard.queries.append(repr(data[:80]))
-            return b""
-        name = str(q.q.qname).rstrip(".").lower()
-        with self._lock:
-            self.heard.queries.append(name)
-        reply = q.reply()
-        if name == ZONE or name.endswith("." + ZONE):
-            if q.q.qtype == QTYPE.A:
-                reply.add_answer(RR(q.q.qname, QTYPE.A, rdata=A("127.0.0.1"), ttl=60))
-        else:
-            reply.header.rcode = RCODE.NXDOMAIN
-        return bytes(reply.pack())
-
-    def _dns_udp(self, s: socket.socket) -> None:
-        while not self._stop.is_set():
-            try:
-                data, peer = s.recvfrom(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            out = self._answer(data)
-            if out:
-                with contextlib.suppress(OSError):
-                    s.sendto(out, peer)
-
-    def _dns_tcp(self, s: socket.socket) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = s.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(2)
-                with contextlib.suppress(OSError, struct.error):
-                    n = struct.unpack("!H", _read_exactly(conn, 2))[0]
-                    out = self._answer(_read_exactly(conn, n))
-                    if out:
-                        conn.sendall(struct.pack("!H", len(out)) + out)
 
     # ------------------------------------------------------------------ TCP
     def _tls_context(self) -> ssl.SSLContext:
@@ -198,10 +136,11 @@ class Upstream:
 
     def snapshot(self) -> Heard:
         with self._lock:
-            return Heard(list(self.heard.queries), dict(self.heard.connections),
+            return Heard(list(self.dns.seen), dict(self.heard.connections),
                          dict(self.heard.data), dict(self.heard.closed))
 
     def close(self) -> None:
+        self.dns.__exit__(None, None, None)
         self._stop.set()
         for s in self._socks:
             with contextlib.suppress(OSError):
@@ -209,13 +148,3 @@ class Upstream:
         for t in self._threads:
             t.join(timeout=2)
         self._tmp.cleanup()
-
-
-def _read_exactly(conn: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = conn.recv(n - len(out))
-        if not chunk:
-            raise OSError("short read")
-        out += chunk
-    return out

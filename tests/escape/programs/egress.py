@@ -17,7 +17,7 @@ import ssl
 import struct
 import time
 
-from escapelib import Blocked, attempt, done, fact, syscall, targets
+from escapelib import Blocked, attempt, done, fact, new_socket, syscall, targets
 
 t = targets()
 P = t["ports"]
@@ -167,13 +167,6 @@ def proxy_connect(authority):
         if status == [b"200"]:
             return "tunnel-established"
         raise Blocked(f"status-{status[0].decode(errors='replace') if status else 'none'}")
-    return go
-
-
-def new_socket(family, kind, proto=0):
-    def go():
-        socket.socket(family, kind, proto).close()
-        return "created"
     return go
 
 

@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import select
+import socket
 import sys
 import time
 
@@ -115,6 +116,14 @@ def reading(path, dir_fd=None):
         finally:
             os.close(fd)
         return f"read-{len(data)}-bytes"
+    return go
+
+
+def new_socket(family, kind, proto=0):
+    """An attempt that creates a socket(family, kind, proto) and closes it."""
+    def go():
+        socket.socket(family, kind, proto).close()
+        return "created"
     return go
 
 
