@@ -19,7 +19,7 @@ PYTHON* variables and the user's site directory.
 # first instruction: marshal (built in) rather than json, and _signal (the C
 # module signal wraps) rather than signal, spare json's and enum's imports,
 # about 7 ms a launch.
-import _signal as signal
+import _signal as signal  # type: ignore[import-not-found]  # no stub: the C module
 import ctypes
 import marshal
 import os
