@@ -266,6 +266,20 @@ def test_run_sign_only_carries_argv_and_limits(key_file: Path) -> None:
     assert cmd.expires_at.seconds - cmd.issued_at.seconds == 120
 
 
+def test_run_allow_fills_the_allowlist_overrides(key_file: Path) -> None:
+    result = invoke(
+        ["run", "--name", "w", "--key", str(key_file), "--audience", "h", "--sign-only",
+         "--allow", "api.example.com:443", "--allow", "10.1.2.0/24:5432",
+         "--egress-byte-cap", "1G", "--", "/bin/true"])
+
+    _, cmd = _envelope(result)
+    o = cmd.run.overrides
+    assert list(o.allow) == ["api.example.com:443", "10.1.2.0/24:5432"]
+    assert o.egress_byte_cap == 1 << 30
+    # The daemon sets the network: --allow implies "allowlist" (policy.apply).
+    assert not o.HasField("network")
+
+
 def test_stop_sign_only_with_and_without_grace(key_file: Path) -> None:
     base = ["--key", str(key_file), "stop", "rogue", "--sign-only", "--audience", "h"]
 
@@ -277,7 +291,7 @@ def test_stop_sign_only_with_and_without_grace(key_file: Path) -> None:
     assert not without.stop.HasField("grace_ms")
 
 
-@pytest.mark.parametrize("verb", ["stop", "kill", "freeze", "thaw", "renew"])
+@pytest.mark.parametrize("verb", ["stop", "kill", "freeze", "thaw", "renew", "cut"])
 def test_sign_only_names_the_run_given_with_id(key_file: Path, verb: str) -> None:
     base = ["--key", str(key_file), verb, "rogue", "--sign-only", "--audience", "h"]
 
