@@ -13,7 +13,7 @@ import pytest
 from agentd import signing
 from agentd.v1 import agentd_pb2
 
-from tests.harness import AGENT_PYTHON, Daemon, alive, pids_in, wait_for
+from tests.harness import AGENT_PYTHON, Daemon, alive, code_binds, pids_in, wait_for
 
 pytestmark = pytest.mark.root
 _n = itertools.count()
@@ -145,8 +145,12 @@ def test_replayed_command_is_refused(victim_daemon: tuple[Daemon, agentd_pb2.Age
     cmd = d.command()
     cmd.run.name = name
     cmd.run.argv.extend([AGENT_PYTHON, str(hostile / "ignore_term.py")])
+    # Its code, bound as the harness's run() binds it: without it the agent
+    # exits at once (no such file), and a kill racing that exit finds it ended.
+    cmd.run.overrides.bind_ro.extend(code_binds(list(cmd.run.argv)))
     env = signing.sign_command(cmd, d.keys.operator)
-    d.stub.Run(env, timeout=30)
+    agent = d.stub.Run(env, timeout=30)
+    assert wait_for(lambda: "ready" in Path(agent.stdout_log).read_text(), 15)
     d.kill(name)
     with pytest.raises(grpc.RpcError) as exc:
         d.stub.Run(env, timeout=10)
@@ -241,6 +245,7 @@ def test_estop_works_while_the_replay_cache_is_degraded(tmp_root: Path, hostile:
         def fill(cmd: agentd_pb2.Command) -> None:
             cmd.run.name = "after-window"
             cmd.run.argv.extend([AGENT_PYTHON, str(hostile / "ignore_term.py")])
+            cmd.run.overrides.bind_ro.extend(code_binds(list(cmd.run.argv)))
 
         agent = d.stub.Run(d.signed(fill, d.keys.operator, lifetime=10), timeout=30)
         killed = d.stub.Kill(_signed(d, _kill_cmd(d, "after-window", lifetime=10)), timeout=30)
@@ -288,6 +293,7 @@ def test_running_daemon_prunes_its_replay_cache(tmp_root: Path, hostile: Path) -
         def fill(cmd: agentd_pb2.Command) -> None:
             cmd.run.name = "short-lived"
             cmd.run.argv.extend([AGENT_PYTHON, str(hostile / "ignore_term.py")])
+            cmd.run.overrides.bind_ro.extend(code_binds(list(cmd.run.argv)))
 
         d.stub.Run(d.signed(fill, d.keys.operator, lifetime=4), timeout=30)
         kill = _kill_cmd(d, "short-lived", lifetime=4)
