@@ -72,9 +72,13 @@ def test_children_and_their_command_lines(sd: Daemon, agent: Callable[..., agent
                                           ) -> None:
     agent("kids", "spawn_children.py", "5")
 
-    s = _signals_until(sd, "kids", lambda s: s.pids >= 6)
+    # pids counts bwrap's two processes too: wait for the five children
+    # themselves, which a loaded machine may start after the first samples.
+    s = _signals_until(sd, "kids", lambda s: s.processes_started >= 6 and all(
+        any(c.endswith(f"signals-child-{i}") for c in s.recent_commands) for i in range(5)))
 
     assert s.processes_started >= 6  # the main process and its five children
+    assert s.pids >= 6
     for i in range(5):
         assert any(c.endswith(f"signals-child-{i}") for c in s.recent_commands), s.recent_commands
     assert any("spawn_children.py 5" in c for c in s.recent_commands)
