@@ -68,7 +68,10 @@ def test_an_exec_in_a_known_pid_is_seen(scratch: ScratchAgents) -> None:
 def test_counts_children_and_their_command_lines(scratch: ScratchAgents) -> None:
     agent = scratch.spawn(
         [PY, str(REPO / "tests" / "hostile" / "spawn_children.py"), "4"], name="kids")
-    s = _sample_until(scratch, agent, lambda s: s.pids >= 5)
+    # A sample may catch a child between its fork and its exec (the parent's
+    # command line then): the sampler reads it again at the next full sample.
+    s = _sample_until(scratch, agent, lambda s: s.pids >= 5 and all(
+        any(f"signals-child-{i}" in c for c in s.recent_commands) for i in range(4)))
     assert s.processes_started >= 5
     assert s.processes_per_second > 0
     for i in range(4):
@@ -173,6 +176,13 @@ def test_sockets_files_and_cpu(scratch: ScratchAgents, tmp_path: Path) -> None:
     assert s.uptime_s > 0
 
 
+def _wchan(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return ""
+
+
 def test_a_quiet_agent_costs_one_read_and_is_refreshed(scratch: ScratchAgents,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """No CPU used since the last full sample: no /proc read, until a refresh finds a new pid."""
@@ -182,7 +192,10 @@ def test_a_quiet_agent_costs_one_read_and_is_refreshed(scratch: ScratchAgents,
 
     agent = scratch.spawn(["/bin/sleep", "30"], name="quiet")
     sampler = scratch.sampler()
-    # The shell's exec of sleep may still be running: until it is quiet.
+    # The shell's exec of sleep may still be running, and on a loaded machine
+    # a window without CPU does not prove it done: first the kernel must show
+    # it asleep in nanosleep (wchan), then a sample must be quiet.
+    assert wait_for(lambda: "nanosleep" in _wchan(agent.proc.pid), 10, interval=0.02)
     assert wait_for(lambda: (sampler.sweep(), agent.signals.cpu_percent == 0.0)[1], 10,
                     interval=0.05), agent.signals
     full = agent.signals
@@ -295,3 +308,24 @@ def test_an_idle_subtree_leaves_settled_signals_and_says_when_it_verified_them(
     assert wait_for(skip_seen, 10, interval=0.05), "no sweep ever skipped the settled agent"
     assert sampler.sampled_at(sleeper) > sleeper.signals.sampled_at
     assert sleeper.signals.pids == 1
+
+
+def test_a_fork_caught_before_its_exec_gets_its_own_command_line(
+        scratch: ScratchAgents, tmp_path: Path) -> None:
+    """The child runs the same binary before and after execve(2): the exe cannot tell."""
+    go = tmp_path / "go"
+    code = ("import os, sys, time\n"
+            "if os.fork() == 0:\n"
+            f"    while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+            "    os.execv(sys.executable, [sys.executable, '-c', "
+            "'import time; time.sleep(30)', 'after-exec-marker'])\n"
+            "time.sleep(30)\n")
+    agent = scratch.spawn([PY, "-c", code], name="forker")
+    sampler = scratch.sampler()
+    # The child exists, still the parent's program.
+    assert wait_for(lambda: (sampler.sweep(), agent.signals.pids >= 2)[1], 10, interval=0.05)
+    assert not any("after-exec-marker" in c for c in agent.signals.recent_commands)
+    go.touch()
+    assert wait_for(lambda: (sampler.sweep(), any(
+        "after-exec-marker" in c for c in agent.signals.recent_commands))[1], 10,
+        interval=0.05), agent.signals.recent_commands

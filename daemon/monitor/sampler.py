@@ -124,6 +124,9 @@ class _Track:
     members: dict[int, str | None] = field(default_factory=dict)
     started: int = 0
     recent: deque[str] = field(default_factory=lambda: deque(maxlen=RECENT_COMMANDS))
+    # Command lines of the pids first seen by the last full sample, read again
+    # by the next one (a fork caught before its exec).
+    first_lines: dict[int, str] = field(default_factory=dict)
     cpu_usec: int | None = None
     at: float | None = None  # monotonic time of the last sample
     # processes_started at each sample, for rates over whole windows.
@@ -359,10 +362,22 @@ class Sampler:
             if len(written) < FILES_WRITTEN_MAX:
                 written.update(dict.fromkeys(held.written))
         # Only the last few command lines are kept: under a fork storm, read no more.
+        # A child caught between fork(2) and an execve(2) of the same binary
+        # (python3 -c ...) showed its parent's command line, and the exe
+        # comparison above cannot see that exec: each command line is read
+        # once more at the next full sample, and kept if it changed.
+        for pid, line in track.first_lines.items():
+            if pid in members and pid not in fresh:
+                now_line = procfs.cmdline(pid)
+                if now_line and now_line != line:
+                    track.recent.append(now_line)
+        first_lines: dict[int, str] = {}
         for pid in fresh[-RECENT_COMMANDS:]:
             line = procfs.cmdline(pid)
             if line:
                 track.recent.append(line)
+                first_lines[pid] = line
+        track.first_lines = first_lines
 
         conns, remotes = 0, set[str]()
         for ns, inodes in sockets.items():
