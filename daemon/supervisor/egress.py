@@ -130,14 +130,6 @@ class Egress:
                                f"{err}") from err
         return state
 
-    def checks(self, state: AgentEgress) -> str:
-        """What the launch probes showed, for the sandbox report."""
-        return (f"only lo, routes via lo; TCP to {netns.PROBE_V4}:{netns.PROBE_PORT} and "
-                f"[{netns.PROBE_V6}]:{netns.PROBE_PORT} captured with their original "
-                "destination; DNS to any server reaches agentd's resolver; other UDP "
-                f"dropped; proxy answered; {len(state.allow)} allow entr"
-                f"{'y' if len(state.allow) == 1 else 'ies'}")
-
     # --------------------------------------------------- after kill/freeze
     def close_flows(self, agent_id: str) -> None:
         """Close every flow of the agent now (after its kill or freeze). Never raises."""
