@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 from daemon.egress import dns, httphost, inspect, pump
 from daemon.egress.allowlist import Allowlist, IPAddress, canonical_name
+from daemon.egress.capture import original_dst
 from daemon.egress.upstream import resolve_a
 
-_SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>; IP6T_SO_ORIGINAL_DST is 80 too
 # Open flows per agent. Each holds at most 4 socket buffers (SOCKET_BUFFER,
 # doubled by the kernel: socket(7)) and 2 pipes (pump.CHUNK): about 1.25 MiB,
 # so an agent can make the service hold at most ~80 MiB of kernel memory.
@@ -80,17 +80,6 @@ class Settings:
     resolvers: list[tuple[str, int]]
     private_ok: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     inspector: inspect.Inspector = field(default_factory=inspect.SniHostInspector)
-
-
-def original_dst(sock: socket.socket) -> tuple[IPAddress, int]:
-    """Where a redirected connection was going (netfilter's SO_ORIGINAL_DST). Raises OSError."""
-    if sock.family == socket.AF_INET6:
-        raw = sock.getsockopt(socket.IPPROTO_IPV6, _SO_ORIGINAL_DST, 28)
-        port = struct.unpack_from(">H", raw, 2)[0]
-        return ipaddress.IPv6Address(raw[8:24]), port
-    raw = sock.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
-    port = struct.unpack_from(">H", raw, 2)[0]
-    return ipaddress.IPv4Address(raw[4:8]), port
 
 
 class AgentEgress:

@@ -28,16 +28,15 @@ import os
 import select
 import shutil
 import socket
-import struct
 import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from daemon import children
+from daemon.egress.capture import original_dst
 
 CLONE_NEWNET = 0x40000000
-SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST is also 80
 CAPTURE_PORT = 15001
 PROXY_PORT = 3128
 DNS_PORT = 53
@@ -229,8 +228,8 @@ def probe(net: AgentNet) -> None:
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)))
     tcp4, tcp6, udp = made
     try:
-        _probe_tcp(tcp4, (PROBE_V4, PROBE_PORT), net.fds["tcp4"], socket.AF_INET)
-        _probe_tcp(tcp6, (PROBE_V6, PROBE_PORT), net.fds["tcp6"], socket.AF_INET6)
+        _probe_tcp(tcp4, (PROBE_V4, PROBE_PORT), net.fds["tcp4"])
+        _probe_tcp(tcp6, (PROBE_V6, PROBE_PORT), net.fds["tcp6"])
         udp.settimeout(_PROBE_TIMEOUT_S)
         udp.sendto(b"agentd-probe", (PROBE_V4, DNS_PORT))
         if not _readable(net.fds["dns4"]):
@@ -250,7 +249,7 @@ def probe(net: AgentNet) -> None:
             s.close()
 
 
-def _probe_tcp(client: socket.socket, dst: tuple[str, int], listen_fd: int, family: int) -> None:
+def _probe_tcp(client: socket.socket, dst: tuple[str, int], listen_fd: int) -> None:
     client.settimeout(_PROBE_TIMEOUT_S)
     try:
         client.connect(dst)
@@ -259,36 +258,13 @@ def _probe_tcp(client: socket.socket, dst: tuple[str, int], listen_fd: int, fami
                          f"({err.strerror or err})") from err
     if not _readable(listen_fd):
         raise NetnsError(f"a connection to {dst[0]}:{dst[1]} did not reach the capture listener")
-    fd, _ = _accept(listen_fd)
-    try:
-        got = original_dst(fd, family)
-    finally:
-        os.close(fd)
-    if got != (dst[0], dst[1]):
-        raise NetnsError(f"the capture listener saw {got} as the original destination "
+    with socket.socket(fileno=os.dup(listen_fd)) as listener:
+        conn, _ = listener.accept()
+    with conn:
+        addr, port = original_dst(conn)
+    if (str(addr), port) != (dst[0], dst[1]):
+        raise NetnsError(f"the capture listener saw {addr}:{port} as the original destination "
                          f"of a connection to {dst[0]}:{dst[1]}")
-
-
-def _accept(listen_fd: int) -> tuple[int, object]:
-    s = socket.socket(fileno=os.dup(listen_fd))
-    try:
-        conn, peer = s.accept()
-        return conn.detach(), peer
-    finally:
-        s.close()
-
-
-def original_dst(fd: int, family: int) -> tuple[str, int]:
-    """The destination a redirected connection was opened to (SO_ORIGINAL_DST)."""
-    s = socket.socket(fileno=os.dup(fd))
-    try:
-        if family == socket.AF_INET:
-            raw = s.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-            return socket.inet_ntop(socket.AF_INET, raw[4:8]), struct.unpack("!H", raw[2:4])[0]
-        raw = s.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
-        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack("!H", raw[2:4])[0]
-    finally:
-        s.close()
 
 
 def _readable(fd: int) -> bool:
