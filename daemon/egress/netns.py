@@ -32,6 +32,7 @@ import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from daemon import children
 from daemon.egress.capture import original_dst
@@ -74,7 +75,7 @@ table inet agentd {{
 _IP_BATCH = ("link set lo up\nroute add default dev lo src 127.0.0.1\n"
              "route add ::/0 dev lo src ::1\n")
 
-ROLES = ("tcp4", "tcp6", "dns4", "dns6", "proxy")
+T = TypeVar("T")
 
 
 class NetnsError(Exception):
@@ -112,57 +113,75 @@ def tools() -> tuple[str, str]:
 def create() -> AgentNet:
     """Make, configure and probe a new namespace. Raises NetnsError."""
     ip, nft = tools()
-    result: list[AgentNet | BaseException] = []
-    lock = threading.Lock()
-    worker = threading.Thread(target=_in_thread, args=(ip, nft, result, lock),
-                              name="agentd-netns", daemon=True)
-    worker.start()
-    worker.join(_SETUP_TIMEOUT_S)
-    with lock:
-        if not result:
-            # Abandoned: the thread closes what it made if it ever finishes.
-            result.append(NetnsError("abandoned"))
-            raise NetnsError(
-                f"setting up the network namespace took over {_SETUP_TIMEOUT_S:.0f} s")
-    out = result[0]
-    if isinstance(out, BaseException):
-        raise out
+    net = _on_thread(lambda libc: int(libc.unshare(CLONE_NEWNET)), "unshare(CLONE_NEWNET)",
+                     lambda: _configure(ip, nft), AgentNet.close,
+                     doing="setting up the network namespace")
     try:
-        probe(out)
+        probe(net)
     except NetnsError:
-        out.close()
+        net.close()
         raise
-    return out
+    return net
 
 
-def _in_thread(ip: str, nft: str, result: list[AgentNet | BaseException],
-               lock: threading.Lock) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    net: AgentNet | None = None
+def _configure(ip: str, nft: str) -> AgentNet:
+    """On a thread that just unshared its namespace: routes, rules, agentd's sockets."""
+    fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    net = AgentNet(netns_fd=fd, inode=os.fstat(fd).st_ino)
     try:
-        if libc.unshare(CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise NetnsError(f"unshare(CLONE_NEWNET): {os.strerror(err)}")
-        fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        net = AgentNet(netns_fd=fd, inode=os.fstat(fd).st_ino)
         # Children forked from this thread start in its namespace.
         _run([ip, "-batch", "-"], _IP_BATCH, "ip")
         _run([nft, "-f", "-"], RULESET, "nft")
         net.fds = _sockets()
-        with lock:
-            if not result:  # else the caller gave up: net is closed below
-                result.append(net)
-                net = None
-    except BaseException as err:  # handed to the caller, whatever it is
-        with lock:
-            result.append(err if isinstance(err, NetnsError) else NetnsError(str(err)))
-    finally:
-        if net is not None:
-            net.close()
-        # Back home, so the thread's end leaves nothing in the agent's namespace.
-        libc.setns(home, CLONE_NEWNET)
-        os.close(home)
+    except BaseException:
+        net.close()
+        raise
+    return net
+
+
+def _on_thread(enter: Callable[[Any], int], entering: str, work: Callable[[], T],
+               discard: Callable[[T], None], *, doing: str) -> T:
+    """work() on a short-lived thread that first entered a network namespace.
+
+    enter(libc) unshares or joins one (0 on success, as the system calls
+    return); the thread goes back to the daemon's own namespace before it
+    ends, so nothing else ever runs in the agent's. If the caller stops
+    waiting after _SETUP_TIMEOUT_S, the thread discards what work() made
+    whenever it finishes. Raises NetnsError.
+    """
+    result: list[T | NetnsError] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if enter(libc) != 0:
+                raise NetnsError(f"{entering}: {os.strerror(ctypes.get_errno())}")
+            made = work()
+            with lock:
+                if result:  # the caller gave up
+                    discard(made)
+                else:
+                    result.append(made)
+        except BaseException as err:  # handed to the caller, whatever it is
+            with lock:
+                result.append(err if isinstance(err, NetnsError) else NetnsError(str(err)))
+        finally:
+            libc.setns(home, CLONE_NEWNET)
+            os.close(home)
+
+    worker = threading.Thread(target=run, name="agentd-netns", daemon=True)
+    worker.start()
+    worker.join(_SETUP_TIMEOUT_S)
+    with lock:
+        if not result:
+            result.append(NetnsError("abandoned"))
+            raise NetnsError(f"{doing} took over {_SETUP_TIMEOUT_S:.0f} s")
+    out = result[0]
+    if isinstance(out, NetnsError):
+        raise out
+    return out
 
 
 def _run(argv: list[str], stdin: str, what: str) -> None:
@@ -222,10 +241,9 @@ def probe(net: AgentNet) -> None:
     any other datagram must be refused by the filter. The daemon takes each
     probe off the listener itself, so the egress service never sees one.
     """
-    made = _in_namespace(net, lambda: (
-        socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC),
-        socket.socket(socket.AF_INET6, socket.SOCK_STREAM | socket.SOCK_CLOEXEC),
-        socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)))
+    # Sockets stay in the namespace they were made in: made on a thread in it.
+    made = _on_thread(lambda libc: int(libc.setns(net.netns_fd, CLONE_NEWNET)), "setns",
+                      _probe_sockets, _close_all, doing="entering the network namespace")
     tcp4, tcp6, udp = made
     try:
         _probe_tcp(tcp4, (PROBE_V4, PROBE_PORT), net.fds["tcp4"])
@@ -245,8 +263,7 @@ def probe(net: AgentNet) -> None:
     except OSError as err:
         raise NetnsError(f"probing the namespace's capture: {err.strerror or err}") from err
     finally:
-        for s in made:
-            s.close()
+        _close_all(made)
 
 
 def _probe_tcp(client: socket.socket, dst: tuple[str, int], listen_fd: int) -> None:
@@ -277,30 +294,19 @@ def _readable(fd: int) -> bool:
             continue
 
 
-def _in_namespace(net: AgentNet, make: Callable[[], tuple[socket.socket, ...]]
-                  ) -> tuple[socket.socket, ...]:
-    """make() on a thread inside net's namespace: sockets stay in the one they were made in."""
-    result: list[tuple[socket.socket, ...] | BaseException] = []
+def _probe_sockets() -> tuple[socket.socket, ...]:
+    kinds = ((socket.AF_INET, socket.SOCK_STREAM), (socket.AF_INET6, socket.SOCK_STREAM),
+             (socket.AF_INET, socket.SOCK_DGRAM))
+    made: list[socket.socket] = []
+    try:
+        for family, kind in kinds:
+            made.append(socket.socket(family, kind | socket.SOCK_CLOEXEC))
+    except OSError:
+        _close_all(tuple(made))
+        raise
+    return tuple(made)
 
-    def run() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if libc.setns(net.netns_fd, CLONE_NEWNET) != 0:
-                raise NetnsError(f"setns: {os.strerror(ctypes.get_errno())}")
-            result.append(make())
-        except BaseException as err:
-            result.append(err)
-        finally:
-            libc.setns(home, CLONE_NEWNET)
-            os.close(home)
 
-    worker = threading.Thread(target=run, name="agentd-netns", daemon=True)
-    worker.start()
-    worker.join(_SETUP_TIMEOUT_S)
-    if not result:
-        raise NetnsError("entering the network namespace did not finish")
-    out = result[0]
-    if isinstance(out, BaseException):
-        raise out if isinstance(out, NetnsError) else NetnsError(str(out))
-    return out
+def _close_all(socks: tuple[socket.socket, ...]) -> None:
+    for s in socks:
+        s.close()
