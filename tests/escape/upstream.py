@@ -27,7 +27,6 @@ SERVERS = ("http", "echo", "other", "tls")
 class Heard:
     queries: list[str] = field(default_factory=list)  # names the DNS server was asked
     connections: dict[str, int] = field(default_factory=dict)  # server -> accepted
-    data: dict[str, bytes] = field(default_factory=dict)  # server -> first bytes received
     closed: dict[str, int] = field(default_factory=dict)  # server -> connections that ended
 
 
@@ -111,9 +110,6 @@ class Upstream:
                     continue
                 if not data:
                     break
-                with self._lock:
-                    if name not in self.heard.data:
-                        self.heard.data[name] = data[:4096]
                 if name == "http":
                     body = b"hello from upstream"
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close"
@@ -137,7 +133,7 @@ class Upstream:
     def snapshot(self) -> Heard:
         with self._lock:
             return Heard(list(self.dns.seen), dict(self.heard.connections),
-                         dict(self.heard.data), dict(self.heard.closed))
+                         dict(self.heard.closed))
 
     def close(self) -> None:
         self.dns.__exit__(None, None, None)
